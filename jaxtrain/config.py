@@ -1,0 +1,307 @@
+"""Typed, frozen run configuration: YAML files + dotted ``key=value`` overrides.
+
+One frozen dataclass per concern. YAML files and command-line overrides are
+merged by OmegaConf against these schemas, so a misspelt key or a wrong type is
+reported with the key, the value and what is allowed (:class:`ConfigError`).
+
+Example::
+
+    cfg = load("configs/tiny.yaml", ["train.steps=50", "optim.lr=1e-3"])
+    cfg.model.n_layer   # -> int
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf import errors as oc_errors
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the key and value."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256  # tokens in the vocabulary (256 for the byte tokenizer)
+    block_size: int = 256  # longest context the model sees
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # residual stream width
+    dropout: float = 0.0  # dropout rate on attention and residual paths
+    bias: bool = True  # biases in Linear and LayerNorm layers, like GPT-2
+    tie_embeddings: bool = True  # lm_head shares the token embedding matrix
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+    remat: bool = False  # recompute each block in the backward to save memory
+    attention: str = "xla"  # dot_product_attention implementation: xla | cudnn
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" (built-in corpus) or a path: text file, folder, .bin, .npy
+    glob: str = "**/*.txt"  # files to read when source is a folder
+    token_dtype: str = "uint16"  # element type of a .bin token file: uint16 | uint32
+    val_source: Optional[str] = None  # separate validation source; None splits source
+    val_fraction: float = 0.05  # tail fraction of the corpus held out for validation
+    cache_dir: str = "~/.cache/jaxtrain"  # where tokenized corpora are cached
+    prefetch: int = 2  # batches prepared ahead of the device, in a background thread
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    schedule: str = "cosine"  # constant | cosine (warmup + cosine) | wsd (warmup-stable-decay)
+    warmup_steps: int = 50  # linear warmup steps (from lr * warmup_init to lr)
+    warmup_init: float = 0.0  # warmup starts at lr * warmup_init (0: lr / (warmup_steps + 1))
+    decay_steps: Optional[int] = None  # steps of the whole schedule; None = train.steps
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    wsd_decay_fraction: float = 0.2  # wsd: fraction of steps spent in the final decay
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay on weight matrices
+    decay_embeddings: bool = True  # also decay embedding tables (nanoGPT does)
+    max_grad_norm: float = 1.0  # clip_by_global_norm threshold; 0 disables clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000  # optimizer steps to train
+    batch_size: int = 16  # global batch (sequences per step, all devices and hosts)
+    grad_accum: int = 1  # microbatches per step (lax.scan); batch_size must divide by it
+    seed: int = 0  # root seed for params, data order and dropout
+    eval_every: int = 250  # steps between validation passes; 0 = only at the end
+    eval_batches: int = 8  # batches in one validation pass (a fixed set)
+    log_every: int = 10  # steps between metric fetches (the only host syncs)
+    sample_every: int = 0  # steps between text samples; 0 = only at the end
+    sample_tokens: int = 200  # tokens generated per sample
+    sample_prompt: str = "def "  # prompt for samples
+    max_nonfinite: int = 5  # consecutive non-finite steps (skipped) before stopping
+    diagnostics: bool = False  # per-layer gradient norms, update ratios, attention stats
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (always one at the end)
+    keep: int = 3  # most recent checkpoints kept
+    keep_every: Optional[int] = None  # also keep every step divisible by this
+    async_save: bool = True  # save in the background while training continues
+    resume: bool = True  # continue from the latest good checkpoint in run_dir
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    data: int = -1  # devices on the data axis; -1 = all devices not used by fsdp
+    fsdp: int = 1  # devices on the fsdp axis (params and optimizer state sharded)
+    coordinator_address: Optional[str] = None  # host:port of process 0 for multi-host
+    num_processes: Optional[int] = None  # processes in a multi-host run
+    process_id: Optional[int] = None  # this process's index
+    local_device_count: Optional[int] = None  # CPU only: devices per process
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    progress: bool = True  # progress bar on the terminal
+    tensorboard: bool = True  # TensorBoard event files in run_dir/tb
+    plot: bool = True  # PNG plot of the curves at the end
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/default"  # where checkpoints, metrics and samples go
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attention": ("xla", "cudnn"),
+    "data.token_dtype": ("uint16", "uint32"),
+    "optim.schedule": ("constant", "cosine", "wsd"),
+}
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cls``, e.g. ``["run_dir", "model.vocab_size", ...]``."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += all_keys(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def describe() -> str:
+    """One line per key: name, default and meaning (for ``--help``)."""
+    import inspect
+
+    lines = []
+    for cls, prefix in _sections():
+        src = inspect.getsource(cls).splitlines()
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING:
+                continue
+            comment = next((l.split("#", 1)[1].strip() for l in src if l.strip().startswith(f"{f.name}:") and "#" in l), "")
+            lines.append(f"  {prefix}{f.name:<24} = {f.default!r:<22} {comment}")
+    return "\n".join(lines)
+
+
+def _sections():
+    yield Config, ""
+    for f in dataclasses.fields(Config):
+        if f.default_factory is not dataclasses.MISSING:
+            yield f.default_factory, f"{f.name}."
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:
+        # also try the last component alone, e.g. "lr" -> "optim.lr"
+        tails = {k.rsplit(".", 1)[-1]: k for k in all_keys()}
+        hit = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.7)
+        close = [tails[hit[0]]] if hit else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _error_from(e: Exception, origin: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, (oc_errors.ConfigAttributeError, oc_errors.ConfigKeyError)):
+        return ConfigError(f"unknown config key '{key}' in {origin}{_suggest(key)}")
+    if isinstance(e, oc_errors.ValidationError):
+        msg = str(e).splitlines()[0]
+        return ConfigError(f"bad value for '{key}' in {origin}: {msg}")
+    return ConfigError(f"invalid config in {origin}: {str(e).splitlines()[0]}")
+
+
+def _parse_overrides(overrides: Sequence[str]) -> list[str]:
+    for o in overrides:
+        if "=" not in o or o.startswith("="):
+            raise ConfigError(f"override '{o}' is not of the form key=value (e.g. train.steps=100)")
+    return list(overrides)
+
+
+def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and overrides.
+
+    Args:
+      path: a YAML file whose nested keys mirror :class:`Config`; None = defaults.
+      overrides: dotted ``key=value`` strings applied after the file.
+    Raises:
+      ConfigError: naming the unknown key (with the closest valid one), or the
+        key, value and expected type of a bad value.
+    """
+    base = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            layers.append((OmegaConf.load(p), f"'{p}'"))
+        except Exception as e:  # YAML syntax
+            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if overrides:
+        try:
+            layers.append((OmegaConf.from_dotlist(_parse_overrides(overrides)), "command-line overrides"))
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+    for layer, origin in layers:
+        try:
+            base = OmegaConf.merge(base, layer)
+        except Exception as e:
+            raise _error_from(e, origin) from None
+    try:
+        cfg: Config = OmegaConf.to_object(base)
+    except Exception as e:
+        raise _error_from(e, "config") from None
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a :class:`Config` from :func:`to_dict` output (e.g. a checkpoint)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d)))
+    except Exception as e:
+        raise _error_from(e, "saved config") from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    """``replace(cfg, train=dict(steps=5))`` -> a copy with those fields changed."""
+    new = {}
+    for name, changes in sections.items():
+        cur = getattr(cfg, name)
+        new[name] = dataclasses.replace(cur, **changes) if isinstance(changes, dict) else changes
+    return dataclasses.replace(cfg, **new)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span fields; raises :class:`ConfigError` naming key and value."""
+
+    def bad(key: str, why: str):
+        raise ConfigError(f"{key}={_get(cfg, key)!r}: {why}")
+
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            bad(key, f"must be one of {', '.join(allowed)}")
+    positive = ["model.vocab_size", "model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
+                "train.steps", "train.batch_size", "train.grad_accum", "train.log_every", "train.eval_batches",
+                "checkpoint.every", "checkpoint.keep", "train.max_nonfinite", "parallel.fsdp"]
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            bad(key, "must be a positive integer")
+    for key in ["train.eval_every", "train.sample_every", "train.sample_tokens", "optim.warmup_steps", "data.prefetch"]:
+        if _get(cfg, key) < 0:
+            bad(key, "must be >= 0")
+    if cfg.model.n_embd % cfg.model.n_head:
+        bad("model.n_embd", f"must be divisible by model.n_head={cfg.model.n_head}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        bad("model.dropout", "must be in [0, 1)")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        bad("data.val_fraction", "must be in (0, 1)")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        bad("train.batch_size", f"must be divisible by train.grad_accum={cfg.train.grad_accum}")
+    if cfg.optim.lr <= 0:
+        bad("optim.lr", "must be > 0")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        bad("optim.min_lr_ratio", "must be in [0, 1]")
+    if not 0.0 <= cfg.optim.b1 < 1.0:
+        bad("optim.b1", "must be in [0, 1)")
+    if not 0.0 <= cfg.optim.b2 < 1.0:
+        bad("optim.b2", "must be in [0, 1)")
+    if cfg.optim.weight_decay < 0 or cfg.optim.max_grad_norm < 0:
+        bad("optim.weight_decay" if cfg.optim.weight_decay < 0 else "optim.max_grad_norm", "must be >= 0")
+    if cfg.parallel.data == 0 or cfg.parallel.data < -1:
+        bad("parallel.data", "must be a positive device count or -1 (all remaining devices)")
+    if cfg.checkpoint.keep_every is not None and cfg.checkpoint.keep_every <= 0:
+        bad("checkpoint.keep_every", "must be a positive integer or null")
+    if cfg.optim.decay_steps is not None and cfg.optim.decay_steps <= 0:
+        bad("optim.decay_steps", "must be a positive integer or null")

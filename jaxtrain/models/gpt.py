@@ -1,0 +1,151 @@
+"""A GPT in Flax NNX with nanoGPT's architecture and parameter names.
+
+Pre-LayerNorm blocks, causal multi-head attention through
+``jax.nn.dot_product_attention``, a 4x GELU MLP, learned positions, optional
+biases, optional weight tying and dropout. Attribute names follow nanoGPT's
+``model.py`` (``wte``, ``wpe``, ``h[i].attn.c_attn``, ``ln_f``, ``lm_head``) so a
+PyTorch checkpoint maps onto it key by key (see :mod:`jaxtrain.models.interop`).
+
+Shapes: B batch, T time, C = n_embd, N = n_head, H = C // N, V = vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrain.config import ModelConfig as GPTConfig
+
+__all__ = ["GPT", "GPTConfig"]
+
+_STD = 0.02  # GPT-2 initialisation
+
+
+def _dense(cfg: GPTConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float = _STD) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=cfg.bias, kernel_init=nnx.initializers.normal(std),
+                      bias_init=nnx.initializers.zeros, dtype=_dtype(cfg), rngs=rngs)
+
+
+def _dtype(cfg: GPTConfig):
+    return jnp.dtype(cfg.dtype)
+
+
+def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # nanoGPT uses eps 1e-5; normalisation runs in float32 even under bfloat16 compute.
+    return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.float32, rngs=rngs)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        self.n_head = cfg.n_head
+        self.implementation = None if cfg.attention == "xla" else cfg.attention
+        self.c_attn = _dense(cfg, cfg.n_embd, 3 * cfg.n_embd, rngs)
+        self.c_proj = _dense(cfg, cfg.n_embd, cfg.n_embd, rngs, std=_STD / math.sqrt(2 * cfg.n_layer))
+        self.resid_dropout = nnx.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
+
+    def __call__(self, x_BTC: jax.Array, *, rngs: nnx.Rngs | None, deterministic: bool) -> jax.Array:
+        B, T, C = x_BTC.shape
+        qkv = self.c_attn(x_BTC).reshape(B, T, 3, self.n_head, C // self.n_head)
+        q_BTNH, k_BTNH, v_BTNH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.dropout and not deterministic:
+            y_BTNH = _attention_with_dropout(q_BTNH, k_BTNH, v_BTNH, self.dropout, rngs)
+        else:
+            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True,
+                                                  implementation=self.implementation)
+        y_BTC = self.c_proj(y_BTNH.reshape(B, T, C))
+        return self.resid_dropout(y_BTC, deterministic=deterministic, rngs=rngs)
+
+
+def _attention_with_dropout(q, k, v, rate: float, rngs: nnx.Rngs) -> jax.Array:
+    """Causal attention with dropout on the probabilities (the fused kernel has none)."""
+    T, H = q.shape[1], q.shape[-1]
+    logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / math.sqrt(H)
+    mask = jnp.tril(jnp.ones((T, T), dtype=bool))
+    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bnqk,bknh->bqnh", probs, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        self.c_fc = _dense(cfg, cfg.n_embd, 4 * cfg.n_embd, rngs)
+        self.c_proj = _dense(cfg, 4 * cfg.n_embd, cfg.n_embd, rngs, std=_STD / math.sqrt(2 * cfg.n_layer))
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x_BTC, *, rngs, deterministic):
+        h_BTF = jax.nn.gelu(self.c_fc(x_BTC), approximate=False)  # exact GELU, as torch.nn.GELU()
+        return self.dropout(self.c_proj(h_BTF), deterministic=deterministic, rngs=rngs)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(cfg, rngs)
+        self.attn = CausalSelfAttention(cfg, rngs)
+        self.ln_2 = _layer_norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BTC, *, rngs, deterministic):
+        dtype = x_BTC.dtype
+        x_BTC = x_BTC + self.attn(self.ln_1(x_BTC).astype(dtype), rngs=rngs, deterministic=deterministic)
+        return x_BTC + self.mlp(self.ln_2(x_BTC).astype(dtype), rngs=rngs, deterministic=deterministic)
+
+
+class GPT(nnx.Module):
+    """nanoGPT-architecture language model.
+
+    Example::
+
+        model = GPT(GPTConfig(n_layer=2, n_embd=64, n_head=4), rngs=nnx.Rngs(0))
+        logits_BTV = model(tokens_BT)            # [B, T] int -> [B, T, V] float32
+    """
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=nnx.initializers.normal(_STD), rngs=rngs)
+        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=nnx.initializers.normal(_STD), rngs=rngs)
+        self.drop = nnx.Dropout(cfg.dropout)
+        self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = _layer_norm(cfg, rngs)
+        self.lm_head = None if cfg.tie_embeddings else nnx.Linear(
+            cfg.n_embd, cfg.vocab_size, use_bias=False, kernel_init=nnx.initializers.normal(_STD),
+            dtype=_dtype(cfg), rngs=rngs)
+
+    def __call__(self, idx_BT: jax.Array, *, rngs: nnx.Rngs | None = None, deterministic: bool = True) -> jax.Array:
+        """Logits ``[B, T, V]`` in float32 for token ids ``idx_BT`` (``T <= block_size``).
+
+        ``rngs`` must hold a ``dropout`` stream when dropout is active
+        (``deterministic=False`` and ``dropout > 0``).
+        """
+        cfg, dtype = self.config, _dtype(self.config)
+        T = idx_BT.shape[-1]
+        if T > cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds the model's block_size={cfg.block_size}")
+        x_BTC = (self.wte(idx_BT) + self.wpe(jnp.arange(T))).astype(dtype)
+        x_BTC = self.drop(x_BTC, deterministic=deterministic, rngs=rngs)
+        for block in self.h:
+            if cfg.remat:
+                x_BTC = nnx.remat(lambda b, x: b(x, rngs=rngs, deterministic=deterministic))(block, x_BTC)
+            else:
+                x_BTC = block(x_BTC, rngs=rngs, deterministic=deterministic)
+        x_BTC = self.ln_f(x_BTC).astype(dtype)
+        if self.lm_head is None:
+            logits_BTV = x_BTC @ self.wte.embedding[...].astype(dtype).T
+        else:
+            logits_BTV = self.lm_head(x_BTC)
+        return logits_BTV.astype(jnp.float32)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; like nanoGPT, position embeddings are excluded by default."""
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+        return n - self.wpe.embedding[...].size if non_embedding else n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM appendix."""
+        cfg = self.config
+        n = self.num_params(non_embedding=True)
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size

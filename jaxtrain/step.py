@@ -1,0 +1,198 @@
+"""The training step: forward, loss, backward, clip, AdamW — one pure function.
+
+PyTorch                               jaxtrain (inside ``train_step``)
+-----------------------------------   -------------------------------------------
+``loss = loss_fn(model(x), y)``       ``loss, grads = jax.value_and_grad(f)(params)``
+``loss.backward()``                   (the same line: grads is a pytree like params)
+``clip_grad_norm_(params, c)``        ``optax.clip_by_global_norm(c)`` in ``state.tx``
+``optimizer.step()``                  ``updates, opt = tx.update(grads, opt, params)``
+``optimizer.zero_grad()``             nothing: grads are fresh values every step
+
+Nothing here is jitted: the caller chooses shardings and donation::
+
+    step_fn = jax.jit(train_step, donate_argnums=0)
+    state, metrics = step_fn(state, batch)
+
+Options (bind them with ``functools.partial`` before jitting): a custom
+``loss_fn(model, batch, rng) -> (loss, aux)``, ``grad_accum`` microbatches, an
+``axis_name`` for ``jax.pmap`` / ``jax.shard_map``, a ``compute_dtype``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxtrain.optim import current_lr
+from jaxtrain.state import TrainState
+
+PyTree = Any
+Batch = Any  # a pytree of arrays with a leading batch axis; the GPT uses {"inputs", "targets"}
+LossFn = Callable[[nnx.Module, Batch, Optional[jax.Array]], tuple[jax.Array, dict]]
+
+
+def lm_loss(model: nnx.Module, batch: Batch, rng: Optional[jax.Array]) -> tuple[jax.Array, dict]:
+    """Mean next-token cross-entropy (nats) of a language model.
+
+    Args:
+      model: maps ``inputs`` int ``[B, T]`` to logits ``[B, T, V]``; called with
+        ``rngs`` and ``deterministic`` keywords (dropout on when ``rng`` is given).
+      batch: ``{"inputs": int[B, T], "targets": int[B, T]}``.
+      rng: a typed key for dropout, or None for evaluation.
+    Returns:
+      ``(loss, {})``.
+    """
+    inputs, targets = _lm_arrays(batch)
+    rngs = nnx.Rngs(dropout=rng) if rng is not None else None
+    logits_BTV = model(inputs, rngs=rngs, deterministic=rng is None)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets)
+    return loss.mean(), {}
+
+
+def _lm_arrays(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    if not isinstance(batch, dict) or not {"inputs", "targets"} <= set(batch):
+        raise ValueError("lm_loss expects a batch {'inputs': int[B, T], 'targets': int[B, T]}, "
+                         f"got {type(batch).__name__} with keys {sorted(batch) if isinstance(batch, dict) else '-'}")
+    inputs, targets = batch["inputs"], batch["targets"]
+    if inputs.ndim != 2 or inputs.shape != targets.shape:
+        raise ValueError(f"batch 'inputs' {tuple(inputs.shape)} and 'targets' {tuple(targets.shape)} "
+                         "must both be [batch, time]")
+    if not (jnp.issubdtype(inputs.dtype, jnp.integer) and jnp.issubdtype(targets.dtype, jnp.integer)):
+        raise ValueError(f"batch token ids must be integers, got inputs {inputs.dtype}, targets {targets.dtype}")
+    return inputs, targets
+
+
+def check_tokens(batch: Batch, vocab_size: int, block_size: Optional[int] = None) -> None:
+    """Host-side check of an LM batch: ids in ``[0, vocab_size)`` and ``T <= block_size``.
+
+    Inside ``jax.jit`` values cannot raise, and an out-of-range id would
+    silently read a clamped embedding row; call this on a host batch (the run
+    loop checks the whole corpus once).
+    """
+    inputs, targets = _lm_arrays(jax.tree.map(np.asarray, batch))
+    lo, hi = min(inputs.min(), targets.min()), max(inputs.max(), targets.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token id {hi if hi >= vocab_size else lo} is outside the model's vocabulary "
+                         f"[0, {vocab_size}) (model.vocab_size={vocab_size})")
+    if block_size is not None and inputs.shape[1] > block_size:
+        raise ValueError(f"batch time length {inputs.shape[1]} exceeds model.block_size={block_size}")
+
+
+def _cast_floats(tree: PyTree, dtype) -> PyTree:
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _loss_and_grads(state: TrainState, batch: Batch, rng: jax.Array, loss_fn: LossFn,
+                    compute_dtype, axis_name: Optional[str]):
+    """``((loss, (aux, model_state)), grads)`` for one (micro)batch."""
+
+    def f(params):
+        model = nnx.merge(state.graphdef, _cast_floats(params, compute_dtype), state.model_state)
+        loss, aux = loss_fn(model, batch, rng)
+        new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+        return loss.astype(jnp.float32), (aux, new_model_state)
+
+    params = state.params
+    if axis_name is not None:
+        # Mark params as varying over the axis so each device's grads stay local
+        # (under shard_map a replicated input's cotangent would otherwise arrive
+        # already summed); the explicit pmean in train_step then averages them.
+        params = jax.tree.map(lambda p: jax.lax.pcast(p, axis_name, to="varying"), params)
+    return jax.value_and_grad(f, has_aux=True)(params)
+
+
+def _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name):
+    """Mean loss and gradient over ``grad_accum`` equal microbatches, by ``lax.scan``."""
+    if grad_accum == 1:
+        (loss, (aux, model_state)), grads = _loss_and_grads(state, batch, rng, loss_fn, compute_dtype, axis_name)
+        return loss, aux, model_state, grads
+    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1 or next(iter(sizes)) % grad_accum:
+        raise ValueError(f"batch size {sorted(sizes)} must be divisible by grad_accum={grad_accum}")
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+    def body(carry, xs):
+        grad_sum, loss_sum, model_state = carry
+        mb, i = xs
+        sub = state.replace(model_state=model_state)
+        (loss, (aux, model_state)), grads = _loss_and_grads(
+            sub, mb, jax.random.fold_in(rng, i), loss_fn, compute_dtype, axis_name)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return (grad_sum, loss_sum + loss, model_state), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    if axis_name is not None:
+        zeros = jax.tree.map(lambda z: jax.lax.pcast(z, axis_name, to="varying"), zeros)
+        loss0 = jax.lax.pcast(jnp.zeros((), jnp.float32), axis_name, to="varying")
+    else:
+        loss0 = jnp.zeros((), jnp.float32)
+    (grad_sum, loss_sum, model_state), auxs = jax.lax.scan(
+        body, (zeros, loss0, state.model_state), (micro, jnp.arange(grad_accum)))
+    grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
+    return loss_sum / grad_accum, jax.tree.map(lambda a: a.mean(0), auxs), model_state, grads
+
+
+def _is_finite(*xs) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+
+
+def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, grad_accum: int = 1,
+               axis_name: Optional[str] = None, compute_dtype=None,
+               skip_nonfinite: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step. Pure: jit it, donate ``state``, shard it as you like.
+
+    Args:
+      state: the :class:`TrainState` (step, params, opt_state, rng, model_state).
+      batch: a pytree of arrays with a leading batch axis (for the default
+        ``lm_loss``: ``{"inputs": int[B, T], "targets": int[B, T]}``).
+      loss_fn: ``loss_fn(model, batch, rng) -> (scalar loss, aux dict)``.
+      grad_accum: split the batch into this many microbatches and average their
+        gradients in a ``lax.scan`` (same gradient as the full batch, less memory).
+      axis_name: a mapped axis (``jax.pmap`` / ``jax.shard_map``) over which loss
+        and gradients are averaged; None under plain ``jax.jit`` with shardings.
+      compute_dtype: cast floating params to this dtype for the forward and
+        backward (gradients and the update stay in the params' float32).
+      skip_nonfinite: when the loss or gradient norm is NaN/Inf, keep params,
+        optimizer and model state unchanged (the step counter still advances)
+        and report ``nonfinite=1``.
+    Returns:
+      ``(new_state, metrics)``; metrics are scalars: ``loss``, ``grad_norm``
+      (before clipping, as ``clip_grad_norm_`` returns), ``update_norm``,
+      ``param_norm``, ``nonfinite``, ``lr`` (when the optimizer injects it) and
+      any ``aux`` entries of the loss.
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    loss, aux, model_state, grads = _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name)
+    if axis_name is not None:
+        loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = _is_finite(loss, grad_norm)
+    if skip_nonfinite:
+        keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        params, opt_state, model_state = keep_old((params, opt_state, model_state),
+                                                  (state.params, state.opt_state, state.model_state))
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+    metrics = dict(aux, loss=loss, grad_norm=grad_norm, update_norm=optax.tree.norm(updates),
+                   param_norm=optax.tree.norm(new.params), nonfinite=(~finite).astype(jnp.int32))
+    lr = current_lr(opt_state)
+    if lr is not None:
+        metrics["lr"] = lr
+    return new, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss,
+              axis_name: Optional[str] = None) -> dict[str, jax.Array]:
+    """Loss of ``batch`` with the model in deterministic mode (no dropout), no update."""
+    model = state.model(_cast_floats(state.params, None))
+    loss, aux = loss_fn(model, batch, None)
+    metrics = dict(aux, loss=loss.astype(jnp.float32))
+    return jax.lax.pmean(metrics, axis_name) if axis_name is not None else metrics
