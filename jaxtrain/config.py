@@ -81,6 +81,8 @@ class TrainConfig:
     sample_every: int = 0  # steps between text samples; 0 = only at the end
     sample_tokens: int = 200  # tokens generated per sample
     sample_prompt: str = "def "  # prompt for samples
+    sample_temperature: float = 0.8  # softmax temperature of samples; 0 = greedy
+    sample_top_k: int = 40  # samples draw from the k most likely tokens; 0 = all
     max_nonfinite: int = 5  # consecutive non-finite steps (skipped) before stopping
     diagnostics: bool = False  # per-layer gradient norms, update ratios, attention stats
 
@@ -109,6 +111,7 @@ class LogConfig:
     progress: bool = True  # progress bar on the terminal
     tensorboard: bool = True  # TensorBoard event files in run_dir/tb
     plot: bool = True  # PNG plot of the curves at the end
+    peak_flops: Optional[float] = None  # peak FLOP/s of one device for MFU; null = known GPUs/TPUs only
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,8 @@ def validate(cfg: Config) -> None:
     for key in positive:
         if _get(cfg, key) <= 0:
             bad(key, "must be a positive integer")
-    for key in ["train.eval_every", "train.sample_every", "train.sample_tokens", "optim.warmup_steps", "data.prefetch"]:
+    for key in ["train.eval_every", "train.sample_every", "train.sample_tokens", "optim.warmup_steps", "data.prefetch",
+                "train.sample_temperature", "train.sample_top_k"]:
         if _get(cfg, key) < 0:
             bad(key, "must be >= 0")
     if cfg.model.n_embd % cfg.model.n_head:
@@ -305,3 +309,5 @@ def validate(cfg: Config) -> None:
         bad("checkpoint.keep_every", "must be a positive integer or null")
     if cfg.optim.decay_steps is not None and cfg.optim.decay_steps <= 0:
         bad("optim.decay_steps", "must be a positive integer or null")
+    if cfg.log.peak_flops is not None and cfg.log.peak_flops <= 0:
+        bad("log.peak_flops", "must be > 0 (FLOP/s of one device) or null")

@@ -1,0 +1,158 @@
+"""Sampling text from a trained GPT: temperature, top-k, a prompt.
+
+The decode step is one jitted function of fixed shapes: the model always sees a
+``[B, block_size]`` window of the latest tokens (left-aligned, ``length`` of them
+valid), so it compiles once for every prompt, number of tokens, temperature
+and top-k. There is no KV cache: each token runs the model over the window,
+which is cheap next to training for the models this library targets.
+
+Example::
+
+    text = sample_text(state, "def ", tokens=200, temperature=0.8, top_k=40, seed=0)
+
+From the command line, on a run directory's latest checkpoint::
+
+    python -m jaxtrain.generate --run-dir runs/default --prompt "def " --tokens 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtrain import data
+
+PyTree = Any
+_START = data.encode("\n")  # an empty prompt starts at a line break
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_step(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, window_BT: jax.Array,
+                 length: jax.Array, key: jax.Array, temperature: jax.Array,
+                 top_k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pick the token after ``window_BT[:, :length]`` and append it.
+
+    Args:
+      window_BT: int32 ``[B, T]`` with ``T = block_size``; positions ``>= length`` are
+        ignored (the model is causal).
+      length: int32 scalar in ``[1, T]``: valid tokens in the window.
+      key: typed PRNG key for this token.
+      temperature: float32 scalar; 0 means greedy (argmax).
+      top_k: int32 scalar; sample among the ``top_k`` most likely tokens (0 = all).
+    Returns:
+      ``(window_BT, length, token_B)``: the window with the token appended (shifted left
+      by one once full), the new length and the token.
+    """
+    model = nnx.merge(graphdef, params, model_state)
+    T = window_BT.shape[1]
+    logits_BTV = model(window_BT)
+    logits_BV = jax.lax.dynamic_index_in_dim(logits_BTV, length - 1, axis=1, keepdims=False)
+    token_B = pick(logits_BV, key, temperature, top_k)
+    appended = jax.lax.dynamic_update_index_in_dim(window_BT, token_B, length % T, axis=1)
+    shifted = jnp.roll(window_BT, -1, axis=1).at[:, -1].set(token_B)
+    window_BT = jnp.where(length < T, appended, shifted)
+    return window_BT, jnp.minimum(length + 1, T), token_B
+
+
+def pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Sample int32 ``[B]`` from logits ``[B, V]`` with temperature and top-k (traced scalars).
+
+    ``temperature <= 0`` is greedy; ``top_k`` outside ``[1, V]`` keeps all tokens.
+    """
+    V = logits_BV.shape[-1]
+    k = jnp.where((top_k >= 1) & (top_k <= V), top_k, V)
+    kth_B1 = jax.lax.dynamic_index_in_dim(jnp.sort(logits_BV, axis=-1), V - k, axis=-1)  # k-th largest
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    sampled = jax.random.categorical(key, logits_BV / jnp.maximum(temperature, 1e-6), axis=-1)
+    greedy = jnp.argmax(logits_BV, axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt: np.ndarray, *,
+             tokens: int, block_size: int, temperature: float = 1.0, top_k: int = 0,
+             key: jax.Array | int = 0, num_samples: int = 1) -> np.ndarray:
+    """Continue ``prompt`` (1-D token ids) by ``tokens`` tokens, ``num_samples`` times.
+
+    Only the last ``block_size`` prompt tokens are seen; an empty prompt starts
+    at ``"\\n"``. Returns the new tokens, int32 ``[num_samples, tokens]``.
+    Tokens are collected on the device and fetched once at the end.
+    """
+    prompt = np.asarray(prompt, dtype=np.int32).reshape(-1)
+    if prompt.size == 0:
+        prompt = _START.astype(np.int32)
+    if isinstance(key, int):
+        key = jax.random.key(key)
+    prompt = prompt[-block_size:]
+    window = np.zeros((num_samples, block_size), np.int32)
+    window[:, : prompt.size] = prompt
+    window, length = jnp.asarray(window), jnp.asarray(prompt.size, jnp.int32)
+    temperature, top_k = jnp.float32(temperature), jnp.int32(top_k)
+    out = []
+    for i in range(tokens):
+        window, length, token_B = _decode_step(graphdef, params, model_state, window, length,
+                                               jax.random.fold_in(key, i), temperature, top_k)
+        out.append(token_B)
+    if not out:
+        return np.zeros((num_samples, 0), np.int32)
+    return np.stack(jax.device_get(out), axis=1)
+
+
+def sample_text(state, prompt: str, *, tokens: int, temperature: float = 1.0, top_k: int = 0,
+                seed: int = 0, num_samples: int = 1) -> list[str]:
+    """``prompt`` + generated text from a :class:`~jaxtrain.state.TrainState` of a byte-level GPT.
+
+    Returns ``num_samples`` strings (invalid UTF-8 at a cut becomes U+FFFD).
+    """
+    block_size = state.model().config.block_size
+    new = generate(state.graphdef, state.params, state.model_state, data.encode(prompt), tokens=tokens,
+                   block_size=block_size, temperature=temperature, top_k=top_k, key=seed,
+                   num_samples=num_samples)
+    return [prompt + data.decode(row) for row in new]
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxtrain.generate",
+                                description="Generate text from a run directory's latest checkpoint.")
+    p.add_argument("--run-dir", required=True, help="run directory written by python -m jaxtrain.run")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a line)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens (bytes) to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("tokens", "num_samples"):
+        if getattr(args, name) < (0 if name == "tokens" else 1):
+            print(f"error: --{name.replace('_', '-')}={getattr(args, name)} must be "
+                  f"{'>= 0' if name == 'tokens' else '>= 1'}", file=sys.stderr)
+            return 2
+    from jaxtrain import checkpoint
+
+    try:
+        state, _ = checkpoint.load_run(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: cannot load a checkpoint from --run-dir={args.run_dir}: {str(e).splitlines()[0]}",
+              file=sys.stderr)
+        return 2
+    texts = sample_text(state, args.prompt, tokens=args.tokens, temperature=args.temperature,
+                        top_k=args.top_k, seed=args.seed, num_samples=args.num_samples)
+    print("\n\n-----\n\n".join(texts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
