@@ -1,0 +1,379 @@
+"""Orbax checkpoints of a :class:`TrainState`: save, restore onto today's devices, fall back past damage.
+
+A run directory keeps its checkpoints in ``run_dir/checkpoints/<step>/`` with two
+items: ``state`` (the TrainState leaves ``step, params, opt_state, rng,
+model_state``, written by ``StandardSave``) and ``meta`` (JSON: the resolved
+config, the data position, the jaxtrain version). The state's static parts
+(``graphdef``, ``tx``) are not saved; they are rebuilt from the config.
+
+Saves are asynchronous (training continues while the files are written) and
+atomic: Orbax writes ``<step>.orbax-checkpoint-tmp*`` and renames it on commit, so
+a run killed mid-save leaves a tmp directory that is never read.
+
+Typical use (what the run loop does)::
+
+    mngr = manager(cfg.run_dir, cfg.checkpoint)
+    restored = restore_latest(mngr, abstract_state, cfg)   # None: start fresh
+    if restored is not None:
+        state, meta = restored                            # meta["data_step"]: next batch
+    ...
+    save(mngr, state, config=cfg, data_step=int(state.step))
+    mngr.wait_until_finished()
+
+Resume rule (``checkpoint.resume``):
+
+- ``true`` (default): continue from the newest readable step in
+  ``run_dir/checkpoints``; start fresh when there is none. A saved config whose
+  architecture keys (:data:`ARCH_KEYS`) differ from the current one is refused
+  with a :class:`ConfigError` naming each key and both values.
+- ``false``: start fresh, but only when ``run_dir/checkpoints`` holds no
+  committed step; otherwise a :class:`ConfigError` (nothing is overwritten or
+  deleted: pick a new ``run_dir`` or remove the old checkpoints yourself).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxtrain import config as config_lib
+from jaxtrain.config import CheckpointConfig, Config, ConfigError
+from jaxtrain.state import TrainState
+
+PyTree = Any
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"  # under run_dir
+DAMAGED_DIR = "checkpoints-damaged"  # under run_dir: unreadable steps moved aside after a fallback
+LEAVES = ("step", "params", "opt_state", "rng", "model_state")  # the TrainState fields saved
+# Config keys that fix the shapes or the meaning of the saved params and optimizer
+# state: a resumed run must agree on them. Other keys (train.steps, optim.lr,
+# model.dtype, model.dropout, ...) may change between runs. No optim key changes
+# the optax state's structure today; a structural mismatch from anything else
+# (e.g. a custom model) is still caught by comparing the saved tree (_check_tree).
+ARCH_KEYS = ("model.vocab_size", "model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
+             "model.bias", "model.tie_embeddings")
+
+
+class CheckpointError(RuntimeError):
+    """No readable checkpoint where one was expected; the message names the directory."""
+
+
+# ---------------------------------------------------------------- manager and save
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir).expanduser().absolute() / CHECKPOINT_DIR
+
+
+def manager(run_dir: str | Path, cfg: CheckpointConfig, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """An Orbax ``CheckpointManager`` rooted at ``run_dir/checkpoints``.
+
+    Keeps the newest ``cfg.keep`` steps, plus every step divisible by
+    ``cfg.keep_every`` when set; saves in the background when ``cfg.async_save``.
+    The caller decides when to save (no save interval here) and must call
+    ``mngr.wait_until_finished()`` (or ``mngr.close()``) before exiting.
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep,
+        keep_period=cfg.keep_every,
+        enable_async_checkpointing=cfg.async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(run_dir), item_names=("state", "meta"), options=options)
+
+
+def leaves(state: TrainState) -> dict[str, PyTree]:
+    """The saved part of ``state``: ``{"step", "params", "opt_state", "rng", "model_state"}``."""
+    return {name: getattr(state, name) for name in LEAVES}
+
+
+@jax.jit
+def _all_finite(tree: PyTree) -> jax.Array:
+    floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats])) if floats else jnp.bool_(True)
+
+
+def metadata(config: Config, data_step: int) -> dict[str, Any]:
+    """The JSON saved next to the state: resolved config, data position, versions."""
+    import jaxtrain
+
+    return {"config": config_lib.to_dict(config), "data_step": int(data_step),
+            "jaxtrain_version": jaxtrain.__version__, "saved_at": time.time()}
+
+
+def save(mngr: ocp.CheckpointManager, state: TrainState, *, config: Config, data_step: int,
+         force: bool = False) -> bool:
+    """Start saving ``state`` as step ``int(state.step)``; True when a save was started.
+
+    Blocks only while the arrays are copied off the devices (the files are written
+    in the background when the manager is asynchronous), so the caller may donate
+    ``state`` to the next step right after. Refuses (warns, returns False) to write
+    non-finite params or optimizer state, and skips a step that already exists.
+
+    Args:
+      mngr: from :func:`manager`.
+      state: the TrainState to save (any sharding; every process calls this).
+      config: the run's resolved config, stored as JSON.
+      data_step: the step whose batch comes next (the data position).
+      force: passed to Orbax (save even when its own policy would skip the step).
+    """
+    step = int(state.step)
+    if step in mngr.all_steps():
+        return False
+    if not bool(_all_finite((state.params, state.opt_state))):
+        log.warning("not saving checkpoint at step %d: params or optimizer state hold NaN/Inf", step)
+        return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(leaves(state)),
+                              meta=ocp.args.JsonSave(metadata(config, data_step)))
+    return bool(mngr.save(step, args=args, force=force))
+
+
+# ---------------------------------------------------------------- restore
+
+
+def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError("metadata has no 'config'")
+    return meta
+
+
+def config_diff(saved: dict, config: Config, keys=ARCH_KEYS) -> list[tuple[str, Any, Any]]:
+    """``[(key, saved_value, current_value)]`` for each of ``keys`` that differs."""
+    current = config_lib.to_dict(config)
+    out = []
+    for key in keys:
+        a, b = _lookup(saved, key), _lookup(current, key)
+        if a != b:
+            out.append((key, a, b))
+    return out
+
+
+def _lookup(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return "<missing>"
+        d = d[part]
+    return d
+
+
+def check_compatible(saved_config: dict, config: Config, where: str) -> None:
+    """Raise :class:`ConfigError` when the saved config's architecture differs from ``config``."""
+    diff = config_diff(saved_config, config)
+    if diff:
+        changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diff)
+        raise ConfigError(f"checkpoint {where} was trained with a different model ({changes}); "
+                          "pass a new run_dir to start a new run, or set the saved values to resume")
+
+
+def _check_tree(mngr: ocp.CheckpointManager, step: int, target: dict, where: str) -> None:
+    """Raise :class:`ConfigError` when the saved arrays' paths or shapes differ from ``target``."""
+    saved = mngr.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)
+    flat_saved = {path_str(p): tuple(x.shape)
+                  for p, x in jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(x, "shape")}
+    flat_target = {path_str(p): tuple(x.shape)
+                   for p, x in jax.tree_util.tree_flatten_with_path(_key_data_shapes(target))[0]}
+    for path in sorted(set(flat_saved) | set(flat_target)):
+        a, b = flat_saved.get(path, "absent"), flat_target.get(path, "absent")
+        if a != b:
+            raise ConfigError(f"checkpoint {where} does not match the current model/optimizer: "
+                              f"{path} saved {a}, now {b}; pass a new run_dir to start a new run")
+
+
+def path_str(path) -> str:
+    """``("params", "h", "0", "attn", ...)`` key path -> ``"params.h.0.attn..."``.
+
+    Dict keys, attribute names (namedtuples, dataclasses) and sequence indices all
+    print as their bare name, so Orbax's saved tree (namedtuples become dicts)
+    and a live pytree give the same strings.
+    """
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _key_data_shapes(tree: PyTree) -> PyTree:
+    """Typed PRNG keys are stored as their uint32 key data: compare those shapes."""
+    def shape(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.ShapeDtypeStruct(jax.eval_shape(jax.random.key_data, x).shape, jnp.uint32)
+        return x
+    return jax.tree.map(shape, tree)
+
+
+def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
+    target = leaves(abstract_state)
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    return abstract_state.replace(**{name: restored[name] for name in LEAVES})
+
+
+def _refuse_fresh_start(mngr: ocp.CheckpointManager, steps: list[int]) -> ConfigError:
+    return ConfigError(f"checkpoint.resume=false but '{mngr.directory}' already holds checkpoints "
+                       f"(steps {', '.join(map(str, sorted(steps)))}); nothing is overwritten: pass a new "
+                       "run_dir, or remove that directory to start over, or set checkpoint.resume=true")
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState,
+                   config: Config) -> Optional[tuple[TrainState, dict]]:
+    """Restore the newest readable checkpoint into ``abstract_state``'s shapes and shardings.
+
+    Args:
+      mngr: from :func:`manager`.
+      abstract_state: ``jax.eval_shape`` of the state the run would start from,
+        its leaves carrying the target shardings (any device count: a run saved
+        on 8 devices restores onto 1 or 4). Its ``graphdef`` and ``tx`` are kept.
+      config: the current resolved config.
+    Returns:
+      ``(state, meta)`` with ``meta`` the saved JSON (``config``, ``data_step``,
+      ``jaxtrain_version``), or None when there is no checkpoint (start fresh).
+    Raises:
+      ConfigError: ``checkpoint.resume=false`` with existing checkpoints, or the
+        saved run's architecture differs from ``config`` (keys and values named).
+      CheckpointError: checkpoints exist but none can be read (nothing deleted).
+
+    A damaged step (truncated or missing files) is skipped with a warning naming
+    it, and moved to ``run_dir/checkpoints-damaged/`` once an older step restored
+    (so the resumed run can save that step again); half-written
+    ``*.orbax-checkpoint-tmp*`` directories are never considered.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        return None
+    if not config.checkpoint.resume:
+        raise _refuse_fresh_start(mngr, steps)
+    damaged: list[int] = []
+    first_error = None
+    for step in steps:
+        where = f"step {step} in '{mngr.directory}'"
+        try:
+            meta = _read_meta(mngr, step)
+        except Exception as e:  # noqa: BLE001 - any failure to read means damage
+            first_error = first_error or e
+            damaged.append(step)
+            _warn_damaged(step, mngr, e)
+            continue
+        check_compatible(meta["config"], config, where)
+        try:
+            _check_tree(mngr, step, leaves(abstract_state), where)
+            state = _restore_step(mngr, step, abstract_state)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            first_error = first_error or e
+            damaged.append(step)
+            _warn_damaged(step, mngr, e)
+            continue
+        _move_aside(mngr, damaged)
+        return state, meta
+    raise CheckpointError(f"no readable checkpoint in '{mngr.directory}' (steps {', '.join(map(str, steps))} "
+                          f"all failed; newest: {_one_line(first_error)}); nothing was deleted")
+
+
+def _one_line(e: Optional[BaseException]) -> str:
+    if e is None:
+        return "-"
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+
+
+def _warn_damaged(step: int, mngr: ocp.CheckpointManager, e: BaseException) -> None:
+    log.warning("checkpoint step %d in '%s' is unreadable (%s); falling back to an older step",
+                step, mngr.directory, _one_line(e))
+
+
+def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Move damaged step directories out of the way (never delete them)."""
+    if not steps or jax.process_index() != 0:
+        return
+    root = Path(mngr.directory)
+    dest = root.parent / DAMAGED_DIR
+    dest.mkdir(exist_ok=True)
+    for step in steps:
+        src = root / str(step)
+        if src.exists():
+            target = dest / f"{step}-{int(time.time())}"
+            shutil.move(str(src), str(target))
+            log.warning("moved damaged checkpoint step %d to '%s'", step, target)
+    mngr.reload()
+
+
+# ---------------------------------------------------------------- research code
+
+
+def build_state(config: Config) -> TrainState:
+    """A fresh GPT :class:`TrainState` for ``config`` (what a run starts from)."""
+    from flax import nnx
+
+    from jaxtrain.models import GPT
+    from jaxtrain.optim import make_optimizer
+
+    model = GPT(config.model, rngs=nnx.Rngs(config.train.seed))
+    return TrainState.create(model, make_optimizer(config.optim, config.train.steps), rng=config.train.seed)
+
+
+def with_shardings(abstract_state: TrainState, mesh=None) -> TrainState:
+    """``abstract_state`` with every leaf's target sharding set.
+
+    With a mesh: :func:`jaxtrain.parallel.state_shardings`; without: the first
+    local device.
+    """
+    if mesh is None:
+        device = jax.local_devices()[0]
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract_state)
+    else:
+        from jaxtrain.parallel import state_shardings
+
+        shardings = state_shardings(mesh, abstract_state)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+
+
+def load_run(run_dir: str | Path, mesh=None, step: Optional[int] = None) -> tuple[TrainState, Config]:
+    """Load a run directory's checkpoint into a GPT :class:`TrainState` plus its config.
+
+    Args:
+      run_dir: a directory written by ``python -m jaxtrain.run``.
+      mesh: restore sharded onto this mesh (:func:`jaxtrain.parallel.make_mesh`);
+        None puts everything on the first local device.
+      step: a specific step; None = the newest readable one.
+    Example::
+
+        state, cfg = load_run("runs/default")
+        logits = state.model()(tokens_BT)
+    """
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"'{root}' does not exist: no checkpoints in run_dir '{run_dir}'")
+    mngr = manager(run_dir, CheckpointConfig(async_save=False), read_only=True)
+    try:
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"no step {step} in '{root}'; available: {', '.join(map(str, sorted(steps)))}")
+            steps = [step]
+        if not steps:
+            raise CheckpointError(f"no checkpoints in '{root}'")
+        meta = None
+        for s in steps:
+            try:
+                meta = _read_meta(mngr, s)
+                config = config_lib.from_dict(meta["config"])
+                abstract = with_shardings(jax.eval_shape(lambda: build_state(config)), mesh)
+                return _restore_step(mngr, s, abstract), config
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                if len(steps) == 1:
+                    raise CheckpointError(f"checkpoint step {s} in '{root}' is unreadable ({_one_line(e)})") from None
+                _warn_damaged(s, mngr, e)
+        raise CheckpointError(f"no readable checkpoint in '{root}' (steps {', '.join(map(str, steps))})")
+    finally:
+        mngr.close()
