@@ -180,7 +180,8 @@ def from_torch_state_dict(model: Any, state_dict: Mapping[str, Any]) -> PyTree:
         misshaped key (with expected and found shape, in PyTorch layout).
     """
     reference = _reference_params(model)
-    sd = {k.removeprefix(_COMPILED_PREFIX): v for k, v in state_dict.items() if not _BUFFERS.fullmatch(k)}
+    sd = {k.removeprefix(_COMPILED_PREFIX): v for k, v in state_dict.items()}
+    sd = {k: v for k, v in sd.items() if not _BUFFERS.fullmatch(k)}
     rows = _table(reference)
     known = {key for key, _, _ in rows} | ({_TIED_KEY} if _is_tied(reference) else set())
     missing = [key for key, _, _ in rows if key not in sd]
