@@ -112,12 +112,13 @@ def fmt_mfu(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def summary_line(*, val_loss: Optional[float], baseline: float, tokens_per_s: float,
-                 mfu_: Optional[float], wall_s: float, steps: int) -> str:
+def summary_line(*, steps: int, val_loss: Optional[float], baseline: float, tokens_per_s: float,
+                 mfu_: Optional[float], train_s: float, wall_s: float) -> str:
     """The one line printed at the end of a run."""
     val = "n/a" if val_loss is None else f"{val_loss:.4f}"
     return (f"done: {steps} steps | final val loss {val} nats/token (unigram baseline {baseline:.4f}) | "
-            f"{fmt_rate(tokens_per_s)} tokens/s | MFU {fmt_mfu(mfu_)} | wall {fmt_duration(wall_s)}")
+            f"{fmt_rate(tokens_per_s)} tokens/s | MFU {fmt_mfu(mfu_)} | "
+            f"training {fmt_duration(train_s)}, wall {fmt_duration(wall_s)}")
 
 
 # ---------------------------------------------------------------- writers

@@ -1,0 +1,7 @@
+"""``python -m jaxtrain`` is ``python -m jaxtrain.run``."""
+
+import sys
+
+from jaxtrain.run import main
+
+sys.exit(main())

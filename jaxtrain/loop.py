@@ -1,0 +1,324 @@
+"""``train(config)``: the run loop. It wires data, model, optimizer, shardings,
+checkpoints and metrics together, and is the only impure code in the flow.
+
+What happens, in order:
+
+1. :func:`setup` validates everything and compiles the steps; it writes nothing,
+   so a bad config, a bad corpus or a batch that does not split across the
+   devices stops the run before the run directory is touched.
+2. The state is restored from the newest good checkpoint in ``run_dir`` or
+   created under ``jax.jit`` straight into its shardings.
+3. :func:`_loop`: one ``for`` over the prefetched batches. The step is
+   compiled once, donates the state and never waits for the device; per-step
+   metrics stay on the device and are fetched together every ``log_every``
+   steps (and at eval / sample / checkpoint steps), which are the only host
+   syncs.
+
+Example::
+
+    from jaxtrain import config, loop
+    summary = loop.train(config.load("configs/tiny.yaml", ["run_dir=/tmp/run"]))
+    summary.val_loss
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxtrain import checkpoint, data, generate, metrics, parallel
+from jaxtrain.config import Config, ConfigError, to_yaml
+from jaxtrain.models import GPT
+from jaxtrain.optim import make_optimizer
+from jaxtrain.state import TrainState
+from jaxtrain.step import eval_step, train_step
+
+PyTree = Any
+CONFIG_FILE = "config.yaml"
+SAMPLES_FILE = "samples.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What a finished run reports (also the numbers of the final summary line)."""
+
+    steps: int  # optimizer steps the state has taken
+    val_loss: Optional[float]  # mean loss over the fixed validation batches at the end
+    baseline: float  # unigram (byte-frequency) entropy of the validation split, nats/token
+    tokens_per_s: float  # training tokens / training seconds of this invocation
+    mfu: Optional[float]  # model FLOPs utilisation; None when the device peak is unknown
+    train_s: float  # seconds spent in training steps (excludes eval, samples, checkpoints)
+    wall_s: float  # seconds of the whole call, setup and compilation included
+    sample: str  # the final text sample
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything :func:`setup` prepares: immutable, built once per run."""
+
+    cfg: Config
+    mesh: Mesh
+    corpus: data.Corpus
+    baseline: float  # unigram entropy of the validation split
+    abstract_state: TrainState  # ShapeDtypeStruct leaves carrying the target shardings
+    make_state: Callable[[], TrainState]
+    train_step: Callable  # compiled: (state, batch) -> (state, metrics); donates state
+    eval_step: Callable  # compiled: (state, batch) -> scalar loss
+    eval_batches: tuple  # the fixed validation set, already on the devices
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: Optional[float]  # of all devices together
+    is_main: bool  # process 0: the one that writes files
+
+    def batch(self, step: int) -> dict:
+        """This process's rows of the training batch for ``step`` (host numpy)."""
+        tc = self.cfg.train
+        return data.get_batch(self.corpus.train, seed=tc.seed, step=step, batch_size=tc.batch_size,
+                              block_size=self.cfg.model.block_size, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+
+    def place(self, batch: dict) -> dict:
+        return parallel.place_batch(batch, self.mesh)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def state_factory(cfg: Config) -> Callable[[], TrainState]:
+    """A function building the initial :class:`TrainState` of ``cfg`` (call it under ``jax.jit``).
+
+    The optimizer is built once, outside, so every state it makes (abstract or
+    real) has the same static ``tx`` and thus the same pytree structure.
+    """
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+
+    def make_state() -> TrainState:
+        k_params, k_train = jax.random.split(jax.random.key(cfg.train.seed))
+        model = GPT(cfg.model, rngs=nnx.Rngs(params=k_params))
+        return TrainState.create(model, tx, rng=k_train)
+
+    return make_state
+
+
+def _check_devices(cfg: Config) -> None:
+    platform = jax.devices()[0].platform
+    if cfg.model.attention == "cudnn" and platform != "gpu":
+        raise ConfigError(f"model.attention='cudnn' needs NVIDIA GPUs but this run has {platform} devices; "
+                          "use model.attention=xla")
+
+
+def _abstract_batch(batch_size: int, block_size: int, mesh: Mesh) -> dict:
+    x = jax.ShapeDtypeStruct((batch_size, block_size), jnp.int32, sharding=parallel.batch_sharding(mesh))
+    return {"inputs": x, "targets": x}
+
+
+def _compile_steps(cfg: Config, mesh: Mesh, abstract_state: TrainState, shardings: PyTree):
+    """Ahead-of-time compiled ``(train_step, eval_step)``: a shape change would be an error, never a recompile."""
+    step_fn = functools.partial(train_step, grad_accum=cfg.train.grad_accum)
+    train = parallel.jit_train_step(step_fn, mesh, shardings)
+    evaluate = parallel.jit_eval_step(lambda s, b: eval_step(s, b)["loss"], mesh, shardings)
+    T = cfg.model.block_size
+    train = train.lower(abstract_state, _abstract_batch(cfg.train.batch_size, T, mesh)).compile()
+    eval_bs = cfg.train.batch_size // cfg.train.grad_accum  # a microbatch: fits wherever training fits
+    evaluate = evaluate.lower(abstract_state, _abstract_batch(eval_bs, T, mesh)).compile()
+    return train, evaluate
+
+
+def _eval_batches(cfg: Config, corpus: data.Corpus, mesh: Mesh) -> tuple:
+    bs = cfg.train.batch_size // cfg.train.grad_accum
+    return tuple(
+        parallel.place_batch(data.eval_batch(corpus.val, index=i, batch_size=bs, block_size=cfg.model.block_size,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count()), mesh)
+        for i in range(cfg.train.eval_batches))
+
+
+def setup(cfg: Config) -> Run:
+    """Validate the corpus, devices and batch split; build shardings; compile the steps.
+
+    Writes nothing. Raises :class:`~jaxtrain.config.ConfigError` or
+    :class:`~jaxtrain.data.DataError` (one line naming the problem) for user mistakes.
+    """
+    corpus = data.load_corpus(cfg.data)
+    data.check_corpus(corpus, cfg.model.block_size, cfg.model.vocab_size)
+    _check_devices(cfg)
+    mesh = parallel.make_mesh(cfg.parallel)
+    parallel.check_batch(cfg, mesh)
+    make_state = state_factory(cfg)
+    abstract = jax.eval_shape(make_state)
+    shardings = parallel.state_shardings(mesh, abstract)
+    abstract = checkpoint.with_shardings(abstract, mesh)
+    train, evaluate = _compile_steps(cfg, mesh, abstract, shardings)
+    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    mc = cfg.model
+    return Run(
+        cfg=cfg, mesh=mesh, corpus=corpus, baseline=data.unigram_entropy(corpus.val),
+        abstract_state=abstract, make_state=make_state, train_step=train, eval_step=evaluate,
+        eval_batches=_eval_batches(cfg, corpus, mesh),
+        tokens_per_step=cfg.train.batch_size * mc.block_size,
+        flops_per_token=metrics.flops_per_token(n_params, mc.block_size * mc.n_embd, n_layer=mc.n_layer,
+                                                n_embd=mc.n_embd, block_size=mc.block_size),
+        peak_flops=metrics.peak_flops(jax.devices(), cfg.log.peak_flops),
+        is_main=parallel.is_main_process())
+
+
+def _initial_state(run: Run, mngr) -> tuple[TrainState, int, Optional[str]]:
+    """``(state, first step, resume message)``: the newest good checkpoint, or a fresh state."""
+    restored = checkpoint.restore_latest(mngr, run.abstract_state, run.cfg)
+    if restored is not None:
+        state, meta = restored
+        start = int(meta["data_step"])
+        return state, start, f"resuming from step {start} in '{mngr.directory}'"
+    shardings = jax.tree.map(lambda x: x.sharding, run.abstract_state)
+    return jax.jit(run.make_state, out_shardings=shardings)(), 0, None
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: Config) -> Summary:
+    """Train ``cfg`` to ``train.steps`` (resuming from ``run_dir`` when it holds checkpoints).
+
+    Writes ``run_dir/{config.yaml, metrics.jsonl, tb/, samples.txt, plot.png,
+    checkpoints/}`` (files only on process 0; checkpoints by every process) and
+    prints a progress bar and one summary line. Every process of a multi-host
+    run calls this with the same config.
+    """
+    t0 = time.perf_counter()
+    run = setup(cfg)
+    mngr = checkpoint.manager(cfg.run_dir, cfg.checkpoint)
+    try:
+        state, start, resumed = _initial_state(run, mngr)
+        if run.is_main:
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.run_dir) / CONFIG_FILE).write_text(to_yaml(cfg))
+        return _loop(run, mngr, state, start, resumed, t0)
+    finally:
+        mngr.close()  # waits for an asynchronous save to commit
+
+
+def _due(done: int, every: int, total: int) -> bool:
+    """At step ``done`` (steps completed), is an every-``every`` event due? Always at the last step."""
+    return done == total or (every > 0 and done % every == 0)
+
+
+def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str], t0: float) -> Summary:
+    cfg, tc = run.cfg, run.cfg.train
+    pending: list[dict] = []  # per-step metrics, still on the device
+    val_loss, sample = None, ""
+    clock = metrics.Stopwatch()  # training time only: eval, samples and checkpoints are excluded
+    log = metrics.MetricsLog(cfg.run_dir, start_step=start, total_steps=tc.steps, enabled=run.is_main,
+                             tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+    batches = data.Prefetcher(run.batch, start, tc.steps, depth=cfg.data.prefetch, place=run.place)
+    with log, batches:
+        _announce(run, log, resumed)
+        jax.block_until_ready(state)
+        clock.start()
+        for step, batch in batches:
+            state, step_metrics = run.train_step(state, batch)
+            pending.append(step_metrics)
+            done = step + 1
+            # -- after-step: nothing above or here may wait for the device.
+            events = {name: _due(done, every, tc.steps) for name, every in (
+                ("log", tc.log_every), ("eval", tc.eval_every), ("sample", tc.sample_every),
+                ("checkpoint", cfg.checkpoint.every))}
+            if not any(events.values()):
+                continue
+            # -- at-log: the interval's one host sync.
+            row = _row(run, jax.device_get(pending), clock.stop(), done, t0)
+            pending = []
+            # -- at-eval
+            if events["eval"]:
+                val_loss = row["val_loss"] = evaluate(run, state)
+            # -- at-sample
+            if events["sample"]:
+                sample = _sample(run, state, done)
+            # -- at-checkpoint
+            if events["checkpoint"]:
+                checkpoint.save(mngr, state, config=cfg, data_step=done, force=True)
+            log.write(row)
+            clock.start()
+        # -- at-end
+        if val_loss is None:  # nothing ran (already at train.steps): still report where the run stands
+            val_loss, sample = evaluate(run, state), _sample(run, state, int(state.step))
+        log.echo(f"sample at step {int(state.step)}:\n{sample}")
+    mngr.wait_until_finished()
+    return _finish(run, state, start, val_loss, sample, clock.total, t0)
+
+
+def _announce(run: Run, log: metrics.MetricsLog, resumed: Optional[str]) -> None:
+    cfg, c = run.cfg, run.corpus
+    n_params = sum(x.size for x in jax.tree.leaves(run.abstract_state.params))
+    log.echo(f"run_dir {cfg.run_dir} | GPT {n_params / 1e6:.2f}M params | corpus '{c.name}': "
+             f"{len(c.train):,} train / {len(c.val):,} val tokens, unigram entropy {run.baseline:.4f} | "
+             f"mesh data={run.mesh.shape[parallel.DATA]} fsdp={run.mesh.shape[parallel.FSDP]} "
+             f"on {jax.device_count()} {jax.devices()[0].platform} devices")
+    if resumed:
+        log.echo(resumed)
+
+
+def _flat_scalars(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, f"{prefix}{k}/"))
+        elif np.ndim(v) == 0:
+            out[f"{prefix}{k}"] = v.item() if hasattr(v, "item") else v
+    return out
+
+
+def _row(run: Run, fetched: list[dict], seconds: float, done: int, t0: float) -> dict[str, Any]:
+    """One metrics row: the last step's values, ``nonfinite`` summed over the interval, throughput."""
+    row = {"step": done, **_flat_scalars(fetched[-1])}
+    row["nonfinite"] = int(sum(int(m["nonfinite"]) for m in fetched))
+    tps = len(fetched) * run.tokens_per_step / max(seconds, 1e-9)
+    row["tokens_per_s"] = tps
+    mfu = metrics.mfu(tps, run.flops_per_token, run.peak_flops)
+    if mfu is not None:
+        row["mfu"] = mfu
+    row["elapsed"] = time.perf_counter() - t0
+    return row
+
+
+def evaluate(run: Run, state: TrainState) -> float:
+    """Mean loss over the fixed validation batches (all dispatched, then one fetch)."""
+    losses = [run.eval_step(state, b) for b in run.eval_batches]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def _sample(run: Run, state: TrainState, step: int) -> str:
+    """Generate the configured sample (every process: params may be sharded); process 0 appends it."""
+    tc = run.cfg.train
+    text = generate.sample_text(state, tc.sample_prompt, tokens=tc.sample_tokens,
+                                temperature=tc.sample_temperature, top_k=tc.sample_top_k, seed=step)[0]
+    if run.is_main:
+        with open(Path(run.cfg.run_dir) / SAMPLES_FILE, "a") as f:
+            f.write(f"===== step {step} =====\n{text}\n\n")
+    return text
+
+
+def _finish(run: Run, state: TrainState, start: int, val_loss: float, sample: str,
+            train_s: float, t0: float) -> Summary:
+    """Plot, print the summary line, return the :class:`Summary`."""
+    steps = int(state.step)
+    tps = (steps - start) * run.tokens_per_step / train_s if train_s > 0 else 0.0
+    summary = Summary(steps=steps, val_loss=val_loss, baseline=run.baseline, tokens_per_s=tps,
+                      mfu=metrics.mfu(tps, run.flops_per_token, run.peak_flops), train_s=train_s,
+                      wall_s=time.perf_counter() - t0, sample=sample)
+    if run.is_main:
+        if run.cfg.log.plot:
+            rows = metrics.read_jsonl(Path(run.cfg.run_dir) / metrics.METRICS_FILE)
+            metrics.plot(rows, Path(run.cfg.run_dir) / metrics.PLOT_FILE, baseline=run.baseline)
+        print(metrics.summary_line(steps=steps, val_loss=summary.val_loss, baseline=summary.baseline,
+                                   tokens_per_s=summary.tokens_per_s, mfu_=summary.mfu,
+                                   train_s=summary.train_s, wall_s=summary.wall_s), flush=True)
+    return summary

@@ -1,0 +1,92 @@
+"""``python -m jaxtrain.run``: train a GPT from a YAML config plus ``key=value`` overrides.
+
+Usage::
+
+    python -m jaxtrain.run                                   # configs/default.yaml
+    python -m jaxtrain.run --config configs/tiny.yaml run_dir=runs/t train.steps=100
+    python -m jaxtrain.run --help                            # every key, its default and meaning
+
+Exit status: 0 when training finished; 2 for a user mistake (bad config key or
+value, unusable data, a batch that does not split across the devices, an
+incompatible checkpoint), printed as one ``error: ...`` line on stderr with
+nothing written to the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from jaxtrain import config as config_lib
+from jaxtrain.config import Config, ConfigError
+from jaxtrain.data import DataError
+
+# The config the bare command trains: shipped next to the package in a source checkout.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+EXIT_USER_ERROR = 2
+
+_USAGE = """\
+usage: python -m jaxtrain.run [--config FILE.yaml] [key.sub=value ...]
+
+Train a GPT. Without --config, {default} is used (built-in defaults if it is absent).
+Overrides are dotted keys applied after the file, e.g. train.steps=100 optim.lr=1e-3.
+
+Config keys (name = default  meaning):
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxtrain.run", add_help=False)
+    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    return p
+
+
+def usage() -> str:
+    """The ``--help`` text: how to call it, then every config key with default and meaning."""
+    return _USAGE.format(default=DEFAULT_CONFIG) + config_lib.describe()
+
+
+def load_config(argv: Sequence[str]) -> Config:
+    """Parse ``argv`` (without the program name) into a validated :class:`Config`."""
+    args, unknown = _parser().parse_known_args(list(argv))
+    flags = [a for a in unknown if a.startswith("-")]
+    if flags:
+        raise ConfigError(f"unknown option '{flags[0]}'; options are --config FILE and --help, "
+                          "config keys are given as key=value")
+    path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    return config_lib.load(path, args.overrides + unknown)
+
+
+def prepare_backend(cfg: Config) -> None:
+    """Process-wide settings that must precede JAX's first device query (XLA flags, compilation cache).
+
+    Runs before :func:`jaxtrain.parallel.initialize`; nothing here may create arrays.
+    """
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m jaxtrain.run`` (and the ``jaxtrain`` script); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
+    try:
+        cfg = load_config(argv)
+        prepare_backend(cfg)
+        from jaxtrain import parallel
+
+        parallel.initialize(cfg.parallel)
+        from jaxtrain import loop  # imported late: the backend settings above come first
+
+        loop.train(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
