@@ -1,0 +1,108 @@
+"""Config loading, overrides and errors, and ``python -m jaxtrain.run --help`` (no training here)."""
+
+from pathlib import Path
+
+import pytest
+
+from jaxtrain import config, run
+from jaxtrain.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load_and_only_set_known_keys(path):
+    cfg = config.load(path)
+    assert isinstance(cfg, config.Config)
+    # A file that sets a key to the default is fine; a typo would have raised above.
+    assert cfg.run_dir.startswith("runs/")
+
+
+def test_shipped_configs_have_expected_shapes():
+    tiny = config.load(ROOT / "configs/tiny.yaml")
+    assert (tiny.model.n_layer, tiny.model.n_embd, tiny.model.block_size, tiny.train.batch_size) == (2, 64, 64, 8)
+    gpt2 = config.load(ROOT / "configs/gpt2-124m.yaml")
+    m = gpt2.model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dtype, m.attention) == (
+        12, 12, 768, 1024, "bfloat16", "cudnn")
+    assert gpt2.train.batch_size % gpt2.train.grad_accum == 0
+
+
+def test_no_arguments_use_default_yaml():
+    assert run.DEFAULT_CONFIG.is_file()
+    assert run.load_config([]) == config.load(run.DEFAULT_CONFIG)
+
+
+def test_overrides_apply_after_file_with_types():
+    cfg = run.load_config(["--config", str(ROOT / "configs/tiny.yaml"), "train.steps=7", "optim.lr=1e-4",
+                           "model.bias=false", "run_dir=/tmp/x", "log.peak_flops=1e12"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.model.bias is False and cfg.run_dir == "/tmp/x" and cfg.log.peak_flops == 1e12
+    assert cfg.model.n_layer == 2  # from the file, untouched
+
+
+def test_config_is_frozen():
+    cfg = config.load(None)
+    with pytest.raises(Exception):
+        cfg.train.steps = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("optim.lrr=1", ["'optim.lrr'", "did you mean 'optim.lr'"]),
+    ("lr=0.1", ["'lr'", "did you mean 'optim.lr'"]),
+    ("train.stepz=3", ["'train.stepz'", "'train.steps'"]),
+    ("train.steps=abc", ["'train.steps'", "'abc'", "Integer"]),
+    ("model.bias=maybe", ["'model.bias'", "'maybe'"]),
+    ("model.dtype=float64", ["model.dtype='float64'", "float32, bfloat16, float16"]),
+    ("model.attention=flash", ["model.attention='flash'", "xla, cudnn"]),
+    ("train.steps=0", ["train.steps=0", "positive"]),
+    ("model.n_embd=66", ["model.n_embd=66", "model.n_head=4"]),
+    ("train.batch_size=10", ["train.batch_size=10", "train.grad_accum"]),
+    ("log.peak_flops=-1", ["log.peak_flops=-1", "> 0"]),
+    ("train.sample_top_k=-3", ["train.sample_top_k=-3", ">= 0"]),
+    ("train.steps", ["'train.steps'", "key=value"]),
+])
+def test_bad_overrides_raise_one_line_naming_the_key(override, needles):
+    args = ["--config", str(ROOT / "configs/tiny.yaml"), override]
+    if override.startswith("train.batch_size"):
+        args.insert(-1, "train.grad_accum=4")
+    with pytest.raises(ConfigError) as e:
+        run.load_config(args)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+def test_bad_yaml_files(tmp_path):
+    (tmp_path / "typo.yaml").write_text("model:\n  n_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"'model.n_layers'.*typo.yaml.*did you mean 'model.n_layer'"):
+        config.load(tmp_path / "typo.yaml")
+    (tmp_path / "broken.yaml").write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(tmp_path / "broken.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        run.load_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_unknown_option_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown option '--stepz'"):
+        run.load_config(["--stepz", "3"])
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = run.load_config(["--config", str(ROOT / "configs/gpt2-124m.yaml"), "train.steps=3"])
+    (tmp_path / "config.yaml").write_text(config.to_yaml(cfg))
+    assert config.load(tmp_path / "config.yaml") == cfg
+
+
+def test_help_lists_every_key_with_its_default(capsys):
+    assert run.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m jaxtrain.run")
+    for key in config.all_keys():
+        line = next((l for l in out.splitlines() if l.split() and l.split()[0] == key), None)
+        assert line is not None, key
+    assert "peak FLOP/s" in out  # meanings are shown, not only names
