@@ -46,6 +46,7 @@ import orbax.checkpoint as ocp
 
 from jaxtrain import config as config_lib
 from jaxtrain.config import CheckpointConfig, Config, ConfigError
+from jaxtrain.signals import RunStopped, path_str
 from jaxtrain.state import TrainState
 
 PyTree = Any
@@ -63,8 +64,10 @@ ARCH_KEYS = ("model.vocab_size", "model.block_size", "model.n_layer", "model.n_h
              "model.bias", "model.tie_embeddings")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunStopped):
     """No readable checkpoint where one was expected; the message names the directory."""
+
+    exit_code = 1
 
 
 # ---------------------------------------------------------------- manager and save
@@ -190,15 +193,6 @@ def _check_tree(mngr: ocp.CheckpointManager, step: int, target: dict, where: str
             raise ConfigError(f"checkpoint {where} does not match the current model/optimizer: "
                               f"{path} saved {a}, now {b}; pass a new run_dir to start a new run")
 
-
-def path_str(path) -> str:
-    """``("params", "h", "0", "attn", ...)`` key path -> ``"params.h.0.attn..."``.
-
-    Dict keys, attribute names (namedtuples, dataclasses) and sequence indices all
-    print as their bare name, so Orbax's saved tree (namedtuples become dicts)
-    and a live pytree give the same strings.
-    """
-    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def _key_data_shapes(tree: PyTree) -> PyTree:

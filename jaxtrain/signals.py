@@ -5,14 +5,18 @@ before killing a job) or SIGINT (Ctrl-C) only sets a flag; the loop finishes the
 step in flight, saves a checkpoint and raises :class:`Preempted`, and the command
 line exits with :data:`PREEMPTED_EXIT_CODE` (75, ``EX_TEMPFAIL`` in sysexits.h:
 "temporary failure, run again"). Running the same command again resumes. A second
-Ctrl-C exits at once with status 130 and no checkpoint (the half-written one, if
-any, is ignored on resume).
+Ctrl-C exits at once with status 130 and no new checkpoint (a half-written one is
+ignored on resume).
 
 Non-finite steps. ``train_step`` already skips an update whose loss or gradient
-norm is NaN/Inf and reports ``nonfinite=1``. :class:`NonFiniteWatch` counts
-consecutive skips; after ``train.max_nonfinite`` of them the loop calls
-:func:`diagnose_nonfinite` (recomputes the first skipped step's gradient once to
-name the first non-finite parameter) and raises :class:`NonFiniteError`.
+norm is NaN/Inf (the state stays as it was) and reports ``nonfinite=1``.
+:class:`NonFiniteWatch` counts consecutive skips; after ``train.max_nonfinite``
+of them the loop calls :func:`diagnose_nonfinite` (recomputes the first skipped
+step's gradient once, to name the first non-finite parameter) and raises
+:class:`NonFiniteError` (exit code 1).
+
+Only the standard library is imported at module level: the command line catches
+these exceptions before it imports JAX.
 """
 
 from __future__ import annotations
@@ -23,46 +27,46 @@ import sys
 import threading
 from typing import Any, Optional
 
-import jax
-import numpy as np
-
-from jaxtrain.checkpoint import path_str
-
 PyTree = Any
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped cleanly after a checkpoint; rerun the command to resume
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: second Ctrl-C, stopped at once without a checkpoint
-NONFINITE_EXIT_CODE = 1
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped cleanly after a checkpoint; run the command again to resume
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: a second Ctrl-C, stopped at once
 
 
-class Preempted(Exception):
-    """Training stopped on a signal after saving a checkpoint; ``exit_code`` is 75."""
+class RunStopped(Exception):
+    """A run ended early on purpose: the message is one line for the user, ``exit_code`` is for the shell."""
+
+    exit_code = 1
+
+
+class Preempted(RunStopped):
+    """Training stopped on SIGTERM / SIGINT after saving a checkpoint (exit code 75)."""
 
     exit_code = PREEMPTED_EXIT_CODE
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps; the message names the step and a parameter."""
+class NonFiniteError(RunStopped, ArithmeticError):
+    """``train.max_nonfinite`` consecutive non-finite steps; the message names the step and a parameter."""
 
-    exit_code = NONFINITE_EXIT_CODE
+    exit_code = 1
 
 
 class StopSignals:
-    """Turn SIGTERM / SIGINT into a polite stop request while the block runs.
+    """Turn SIGTERM / SIGINT into a polite stop request while the ``with`` block runs.
 
     Example::
 
         with StopSignals() as stop:
             for step in ...:
                 state, metrics = train_step(state, batch)
-                if stop.requested:
-                    save(...); raise Preempted(...)
+                if stop.requested:            # "SIGTERM" / "SIGINT" / None
+                    save(...)
+                    raise Preempted(...)
 
-    ``requested`` is the signal's name (``"SIGTERM"`` / ``"SIGINT"``) or None. A
-    second SIGINT ends the process immediately (``os._exit(130)``); a second
-    SIGTERM is ignored (the stop is already under way). Previous handlers are
-    restored on exit. Outside the main thread (where Python cannot install
-    handlers) this does nothing.
+    A second SIGINT ends the process at once (``os._exit(130)``: no cleanup, no
+    checkpoint); a second SIGTERM is ignored (the stop is already under way).
+    The previous handlers come back on exit. Outside the main thread, where
+    Python cannot install handlers, this does nothing.
     """
 
     _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -86,7 +90,8 @@ class StopSignals:
         if self.requested is None:
             self.requested = name
             print(f"\n{name} received: finishing the current step, saving a checkpoint, then exiting "
-                  f"(exit code {PREEMPTED_EXIT_CODE}); press Ctrl-C again to exit at once", file=sys.stderr, flush=True)
+                  f"(exit code {PREEMPTED_EXIT_CODE}); press Ctrl-C again to stop at once",
+                  file=sys.stderr, flush=True)
         elif signum == signal.SIGINT:
             print(f"\nsecond interrupt: exiting now without a checkpoint (exit code {INTERRUPTED_EXIT_CODE})",
                   file=sys.stderr, flush=True)
@@ -96,8 +101,8 @@ class StopSignals:
 class NonFiniteWatch:
     """Counts consecutive non-finite (skipped) steps.
 
-    ``update(step, nonfinite)`` returns True once ``limit`` consecutive steps
-    were non-finite; ``first_step`` is the first step of that run of skips.
+    ``update(step, nonfinite)`` returns True once ``limit`` consecutive steps were
+    non-finite; ``first_step`` is then the first step of that streak.
     """
 
     def __init__(self, limit: int):
@@ -114,24 +119,52 @@ class NonFiniteWatch:
         self.consecutive += 1
         return self.consecutive >= self.limit
 
+    def update_all(self, first_step: int, flags) -> bool:
+        """:meth:`update` for steps ``first_step, first_step + 1, ...``; stops at the first hit."""
+        return any(self.update(first_step + i, bool(f)) for i, f in enumerate(flags))
+
+
+def path_str(path) -> str:
+    """A pytree key path as ``"h.0.attn.c_attn.kernel"``.
+
+    Dict keys, attribute names (namedtuples, dataclasses) and sequence indices all
+    print as their bare name, so Orbax's saved tree (where namedtuples become
+    dicts) and a live pytree give the same strings.
+    """
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
 
 def nonfinite_leaves(tree: PyTree) -> tuple[list[str], int]:
-    """``(paths of leaves holding NaN/Inf in tree order, number of leaves)``, checked on the host."""
+    """``(paths of the leaves holding NaN/Inf, in tree order; number of leaves)``.
+
+    Each leaf is reduced to one flag where it lives, so only scalars reach the
+    host (works for sharded and multi-host arrays).
+    """
+    import jax
+    import jax.numpy as jnp
+
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    bad = [path_str(p) for p, x in flat if not np.all(np.isfinite(np.asarray(jax.device_get(x))))]
-    return bad, len(flat)
+    flags = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in flat])
+    return [path_str(p) for (p, _), ok in zip(flat, flags) if not ok], len(flat)
 
 
 def diagnose_nonfinite(state, batch, step: int, *, loss_fn=None, grad_accum: int = 1, compute_dtype=None) -> str:
-    """Recompute step ``step``'s loss and gradient once and say what went non-finite.
+    """Recompute one step's loss and gradient and say what is non-finite.
 
-    ``state`` must hold the params the step saw (a skipped step leaves them
-    unchanged, so the state after a run of skips does); ``batch`` is that step's
-    batch. Returns e.g. ``"loss=nan; gradient non-finite in 16 of 16 parameters,
-    first: h.0.attn.c_attn.bias"``. Slow (unjitted by design: it runs once, at
-    the stop).
+    Args:
+      state: a TrainState holding the params that step saw (a skipped step leaves
+        them unchanged, so the state after a streak of skips does).
+      batch: that step's batch (placed like the training batches).
+      step: that step's index, i.e. ``state.step`` when it ran (its dropout key is
+        ``fold_in(state.rng, step)``, as in ``train_step``).
+    Returns:
+      e.g. ``"loss=nan; gradient non-finite in 16 of 16 parameters, first:
+      h.0.attn.c_attn.bias"`` ("first" in the params' pytree order). Runs
+      op by op, once, at the stop.
     """
-    from jaxtrain.step import _accumulate, lm_loss  # the gradient train_step computes
+    import jax
+
+    from jaxtrain.step import _accumulate, lm_loss  # exactly the gradient train_step computes
 
     rng = jax.random.fold_in(state.rng, step)
     loss, _, _, grads = _accumulate(state, batch, rng, loss_fn or lm_loss, grad_accum, compute_dtype, None)
