@@ -116,7 +116,12 @@ def _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name
     sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1 or next(iter(sizes)) % grad_accum:
         raise ValueError(f"batch size {sorted(sizes)} must be divisible by grad_accum={grad_accum}")
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+    # Strided microbatches (rows i, i + A, i + 2A, ...): with the batch sharded
+    # in contiguous blocks over devices, each device's block then holds an equal
+    # share of every microbatch, so no rows move between devices (a contiguous
+    # split would put each microbatch on a subset of devices and gather it).
+    micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def body(carry, xs):
         grad_sum, loss_sum, model_state = carry
