@@ -92,7 +92,9 @@ def manager(run_dir: str | Path, cfg: CheckpointConfig, *, read_only: bool = Fal
         create=not read_only,
         read_only=read_only,
     )
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), item_names=("state", "meta"), options=options)
+    # Handlers named up front, so a fresh process can read a step's metadata before any restore.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(checkpoint_dir(run_dir), item_handlers=handlers, options=options)
 
 
 def leaves(state: TrainState) -> dict[str, PyTree]:
