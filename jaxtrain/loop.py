@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtrain import checkpoint, data, generate, metrics, parallel
+from jaxtrain import checkpoint, data, generate, metrics, parallel, signals
 from jaxtrain.config import Config, ConfigError, to_yaml
 from jaxtrain.models import GPT
 from jaxtrain.optim import make_optimizer
@@ -219,7 +219,8 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
     log = metrics.MetricsLog(cfg.run_dir, start_step=start, total_steps=tc.steps, enabled=run.is_main,
                              tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
     batches = data.Prefetcher(run.batch, start, tc.steps, depth=cfg.data.prefetch, place=run.place)
-    with log, batches:
+    watch = signals.NonFiniteWatch(tc.max_nonfinite)
+    with log, batches, signals.StopSignals() as stop:
         _announce(run, log, resumed)
         jax.block_until_ready(state)
         clock.start()
@@ -231,11 +232,18 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
             events = {name: _due(done, every, tc.steps) for name, every in (
                 ("log", tc.log_every), ("eval", tc.eval_every), ("sample", tc.sample_every),
                 ("checkpoint", cfg.checkpoint.every))}
+            preempt = stop.requested is not None and done < tc.steps
+            if preempt:  # save and leave quickly: no eval or sample
+                events.update(eval=False, sample=False, checkpoint=True)
             if not any(events.values()):
                 continue
             # -- at-log: the interval's one host sync.
-            row = _row(run, jax.device_get(pending), clock.stop(), done, t0)
+            fetched = jax.device_get(pending)
+            row = _row(run, fetched, clock.stop(), done, t0)
             pending = []
+            if watch.update_all(done - len(fetched) + 1, [m["nonfinite"] for m in fetched]):
+                log.write(row)  # the skipped steps stay counted in metrics.jsonl; no checkpoint
+                raise _nonfinite_stop(run, state, watch, mngr)
             # -- at-eval
             if events["eval"]:
                 val_loss = row["val_loss"] = evaluate(run, state)
@@ -243,9 +251,14 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
             if events["sample"]:
                 sample = _sample(run, state, done)
             # -- at-checkpoint
-            if events["checkpoint"]:
+            # (not inside a streak of skipped steps: resuming there would replay it)
+            if events["checkpoint"] and (preempt or watch.consecutive == 0):
                 checkpoint.save(mngr, state, config=cfg, data_step=done, force=True)
             log.write(row)
+            if preempt:
+                mngr.wait_until_finished()
+                raise signals.Preempted(f"stopped by {stop.requested} after step {done}: checkpoint saved in "
+                                        f"'{mngr.directory}'; run the same command again to resume")
             clock.start()
         # -- at-end
         if val_loss is None:  # nothing ran (already at train.steps): still report where the run stands
@@ -253,6 +266,22 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
         log.echo(f"sample at step {int(state.step)}:\n{sample}")
     mngr.wait_until_finished()
     return _finish(run, state, start, val_loss, sample, clock.total, t0)
+
+
+def _nonfinite_stop(run: Run, state: TrainState, watch: signals.NonFiniteWatch, mngr) -> signals.NonFiniteError:
+    """The error ending a run after ``train.max_nonfinite`` consecutive skipped steps.
+
+    Skipped steps leave the params as they were, so ``state`` still holds what the
+    first skipped step saw: recomputing that step's gradient names the culprit.
+    """
+    first = watch.first_step  # steps completed after it; its batch index is first - 1
+    why = signals.diagnose_nonfinite(state, run.place(run.batch(first - 1)), first - 1,
+                                     grad_accum=run.cfg.train.grad_accum)
+    last = mngr.latest_step()
+    return signals.NonFiniteError(
+        f"stopped after {watch.consecutive} consecutive non-finite steps (train.max_nonfinite="
+        f"{watch.limit}), the first at step {first}: {why}; their updates were skipped and not "
+        f"checkpointed (last checkpoint: {'none' if last is None else f'step {last}'})")
 
 
 def _announce(run: Run, log: metrics.MetricsLog, resumed: Optional[str]) -> None:

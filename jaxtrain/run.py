@@ -9,7 +9,11 @@ Usage::
 Exit status: 0 when training finished; 2 for a user mistake (bad config key or
 value, unusable data, a batch that does not split across the devices, an
 incompatible checkpoint), printed as one ``error: ...`` line on stderr with
-nothing written to the run directory.
+nothing written to the run directory; 75 after SIGTERM or Ctrl-C (the current
+step finished and a checkpoint was saved: run the same command again to resume;
+a second Ctrl-C exits at once with 130); 1 when ``train.max_nonfinite``
+consecutive steps were non-finite or no checkpoint in the run directory is
+readable.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Optional, Sequence
 from jaxtrain import config as config_lib
 from jaxtrain.config import Config, ConfigError
 from jaxtrain.data import DataError
+from jaxtrain.signals import Preempted, RunStopped
 
 # The config the bare command trains: shipped next to the package in a source checkout.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -85,6 +90,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted as e:  # SIGTERM / Ctrl-C: a checkpoint was saved; rerunning resumes
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except RunStopped as e:  # non-finite steps, unreadable checkpoints
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 
