@@ -135,16 +135,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("tokens", "num_samples"):
-        if getattr(args, name) < (0 if name == "tokens" else 1):
-            print(f"error: --{name.replace('_', '-')}={getattr(args, name)} must be "
-                  f"{'>= 0' if name == 'tokens' else '>= 1'}", file=sys.stderr)
-            return 2
+    if args.tokens < 0 or args.num_samples < 1:
+        print(f"error: --tokens={args.tokens} must be >= 0 and --num-samples={args.num_samples} >= 1",
+              file=sys.stderr)
+        return 2
     from jaxtrain import checkpoint
 
     try:
         state, _ = checkpoint.load_run(args.run_dir)
-    except (FileNotFoundError, ValueError) as e:
+    except (checkpoint.CheckpointError, ValueError) as e:  # ValueError covers ConfigError
         print(f"error: cannot load a checkpoint from --run-dir={args.run_dir}: {str(e).splitlines()[0]}",
               file=sys.stderr)
         return 2

@@ -1,0 +1,141 @@
+"""Sampling: the token picker's statistics, the fixed-shape decode, and the generate CLI."""
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtrain import data, generate
+from jaxtrain.models import GPT
+from jaxtrain.models.gpt import GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def model_parts():
+    """(graphdef, params, model_state) of a small random GPT with block_size 16."""
+    model = GPT(GPTConfig(block_size=BLOCK, n_layer=1, n_head=2, n_embd=32), rngs=nnx.Rngs(3))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def _pick(logits, seed, temperature, top_k):
+    return np.asarray(generate.pick(jnp.asarray(logits, jnp.float32), jax.random.key(seed),
+                                    jnp.float32(temperature), jnp.int32(top_k)))
+
+
+def test_greedy_and_top1_pick_the_argmax():
+    logits = np.random.default_rng(0).normal(size=(64, 50))
+    want = logits.argmax(-1)
+    np.testing.assert_array_equal(_pick(logits, 0, 0.0, 0), want)
+    for seed in range(3):
+        np.testing.assert_array_equal(_pick(logits, seed, 1.5, 1), want)
+
+
+def test_top_k_samples_only_among_the_k_largest():
+    rng = np.random.default_rng(1)
+    logits = np.repeat(rng.normal(size=(1, 30)), 4000, axis=0)
+    picked = _pick(logits, 0, 5.0, 3)  # high temperature: without the cut, all 30 would appear
+    assert set(picked) == set(np.argsort(logits[0])[-3:])
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_matches_softmax_of_scaled_logits(temperature):
+    logits = np.array([[2.0, 1.0, 0.0, -1.0]] * 20000)
+    picked = _pick(logits, 7, temperature, 0)
+    freq = np.bincount(picked, minlength=4) / len(picked)
+    p = np.exp(logits[0] / temperature)
+    np.testing.assert_allclose(freq, p / p.sum(), atol=0.015)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, params, rest, tokens_BT):
+    return nnx.merge(graphdef, params, rest)(tokens_BT)
+
+
+def _greedy_reference(model_parts, prompt, n):
+    """Greedy decoding with a plain list: the model on the last BLOCK tokens, argmax at the last one.
+
+    The window is right-padded to BLOCK so one compiled forward serves every
+    length (the model is causal: padding after a position cannot change it,
+    which :func:`test_padding_does_not_change_earlier_logits` checks).
+    """
+    seq = list(prompt)
+    for _ in range(n):
+        window = seq[-BLOCK:]
+        padded = np.zeros((1, BLOCK), np.int32)
+        padded[0, : len(window)] = window
+        seq.append(int(np.asarray(_forward(*model_parts, padded))[0, len(window) - 1].argmax()))
+    return np.asarray(seq[len(prompt):])
+
+
+def test_padding_does_not_change_earlier_logits(model_parts):
+    tokens = np.random.default_rng(0).integers(0, 256, (2, BLOCK)).astype(np.int32)
+    padded = tokens.copy()
+    padded[:, 5:] = 0
+    full, cut = np.asarray(_forward(*model_parts, tokens)), np.asarray(_forward(*model_parts, padded))
+    np.testing.assert_allclose(full[:, :5], cut[:, :5], atol=1e-5)
+    assert not np.allclose(full[:, 5:], cut[:, 5:])  # the check can fail: later positions do change
+
+
+@pytest.mark.parametrize("prompt_len, n", [(3, 8), (10, 20), (40, 5)])  # fits, slides past, prompt > block
+def test_greedy_decode_equals_reference_through_the_sliding_window(model_parts, prompt_len, n):
+    prompt = np.random.default_rng(prompt_len).integers(0, 256, prompt_len)
+    out = generate.generate(*model_parts, prompt, tokens=n, block_size=BLOCK, temperature=0.0)
+    assert out.shape == (1, n) and out.dtype == np.int32
+    np.testing.assert_array_equal(out[0], _greedy_reference(model_parts, prompt, n))
+
+
+def test_decode_compiles_once_for_any_prompt_length_temperature_and_top_k(model_parts):
+    prompt = data.encode("def f(x):")
+    generate.generate(*model_parts, prompt, tokens=2, block_size=BLOCK)  # warm up this model's shapes
+    before = generate._decode_step._cache_size()
+    for p, n, t, k, seed in [("", 3, 0.0, 0, 1), ("x" * 50, 7, 1.3, 5, 2), ("import os\n", 1, 0.7, 1, 3)]:
+        out = generate.generate(*model_parts, data.encode(p), tokens=n, block_size=BLOCK, temperature=t,
+                                top_k=k, key=seed)
+        assert out.shape == (1, n)
+    assert generate._decode_step._cache_size() == before
+
+
+def test_top1_is_deterministic_and_equals_greedy(model_parts):
+    prompt = data.encode("class A:\n")
+    greedy = generate.generate(*model_parts, prompt, tokens=12, block_size=BLOCK, temperature=0.0)
+    for seed in (0, 1):
+        top1 = generate.generate(*model_parts, prompt, tokens=12, block_size=BLOCK, temperature=0.9, top_k=1,
+                                 key=seed, num_samples=2)
+        np.testing.assert_array_equal(top1, np.repeat(greedy, 2, axis=0))
+
+
+def test_seeds_and_rows_differ_when_sampling(model_parts):
+    prompt = data.encode("x")
+    a = generate.generate(*model_parts, prompt, tokens=24, block_size=BLOCK, temperature=1.0, key=0,
+                          num_samples=2)
+    b = generate.generate(*model_parts, prompt, tokens=24, block_size=BLOCK, temperature=1.0, key=1)
+    assert not np.array_equal(a[0], a[1]) and not np.array_equal(a[0], b[0])
+    again = generate.generate(*model_parts, prompt, tokens=24, block_size=BLOCK, temperature=1.0, key=0,
+                              num_samples=2)
+    np.testing.assert_array_equal(a, again)
+
+
+# ---------------------------------------------------------------- CLI
+# The CLI on a trained run is tested in test_run.py, which trains one already.
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "jaxtrain.generate", *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_cli_without_a_checkpoint_fails_in_one_line(tmp_path):
+    r = _cli("--run-dir", str(tmp_path / "nothing"), "--tokens", "5")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "nothing" in lines[0], r.stderr
