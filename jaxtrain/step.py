@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxtrain import diagnostics as diag
 from jaxtrain.optim import current_lr
 from jaxtrain.state import TrainState
 
@@ -150,7 +151,8 @@ def _is_finite(*xs) -> jax.Array:
 
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, grad_accum: int = 1,
                axis_name: Optional[str] = None, compute_dtype=None,
-               skip_nonfinite: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+               skip_nonfinite: bool = True, diagnostics: bool = False,
+               max_grad_norm: Optional[float] = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step. Pure: jit it, donate ``state``, shard it as you like.
 
     Args:
@@ -167,6 +169,11 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
       skip_nonfinite: when the loss or gradient norm is NaN/Inf, keep params,
         optimizer and model state unchanged (the step counter still advances)
         and report ``nonfinite=1``.
+      diagnostics: also report per-module gradient norms, update-to-parameter
+        ratios and what the model sows (the GPT: attention-logit statistics);
+        see :mod:`jaxtrain.diagnostics`. False traces none of it.
+      max_grad_norm: the clipping threshold inside ``state.tx``; with
+        diagnostics, ``clipped`` (1.0 when the gradient was rescaled) is reported.
     Returns:
       ``(new_state, metrics)``; metrics are scalars: ``loss``, ``grad_norm``
       (before clipping, as ``clip_grad_norm_`` returns), ``update_norm``,
@@ -174,6 +181,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
       any ``aux`` entries of the loss.
     """
     rng = jax.random.fold_in(state.rng, state.step)
+    if diagnostics:
+        loss_fn = diag.with_sown_stats(loss_fn)
     loss, aux, model_state, grads = _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name)
     if axis_name is not None:
         loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
@@ -191,6 +200,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
     lr = current_lr(opt_state)
     if lr is not None:
         metrics["lr"] = lr
+    if diagnostics:
+        metrics.update(diag.grad_stats(grads, updates, state.params, grad_norm=grad_norm, max_norm=max_grad_norm))
     return new, metrics
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config import ModelConfig as GPTConfig
+from jaxtrain.diagnostics import attention_logit_stats
 
 __all__ = ["GPT", "GPTConfig"]
 
@@ -46,11 +47,17 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = _dense(cfg, cfg.n_embd, cfg.n_embd, rngs, std=_STD / math.sqrt(2 * cfg.n_layer))
         self.resid_dropout = nnx.Dropout(cfg.dropout)
         self.dropout = cfg.dropout
+        # True: sow attention-logit statistics (nnx.Intermediate) for diagnostics;
+        # a static Python flag, so the default step traces none of it.
+        self.sow_stats = False
 
     def __call__(self, x_BTC: jax.Array, *, rngs: nnx.Rngs | None, deterministic: bool) -> jax.Array:
         B, T, C = x_BTC.shape
         qkv = self.c_attn(x_BTC).reshape(B, T, 3, self.n_head, C // self.n_head)
         q_BTNH, k_BTNH, v_BTNH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.sow_stats:
+            for name, value in attention_logit_stats(q_BTNH, k_BTNH).items():
+                self.sow(nnx.Intermediate, name, value)
         if self.dropout and not deterministic:
             y_BTNH = _attention_with_dropout(q_BTNH, k_BTNH, v_BTNH, self.dropout, rngs)
         else:
