@@ -77,20 +77,21 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).expanduser().absolute() / CHECKPOINT_DIR
 
 
-def manager(run_dir: str | Path, cfg: CheckpointConfig, *, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(run_dir: str | Path, cfg: CheckpointConfig, *, create: bool = True) -> ocp.CheckpointManager:
     """An Orbax ``CheckpointManager`` rooted at ``run_dir/checkpoints``.
 
     Keeps the newest ``cfg.keep`` steps, plus every step divisible by
     ``cfg.keep_every`` when set; saves in the background when ``cfg.async_save``.
     The caller decides when to save (no save interval here) and must call
     ``mngr.wait_until_finished()`` (or ``mngr.close()``) before exiting.
+    Creating a manager writes nothing; ``create=False`` leaves a missing
+    directory missing (for readers).
     """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep,
         keep_period=cfg.keep_every,
         enable_async_checkpointing=cfg.async_save,
-        create=not read_only,
-        read_only=read_only,
+        create=create,
     )
     # Handlers named up front, so a fresh process can read a step's metadata before any restore.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
@@ -216,6 +217,32 @@ def _refuse_fresh_start(mngr: ocp.CheckpointManager, steps: list[int]) -> Config
     return ConfigError(f"checkpoint.resume=false but '{mngr.directory}' already holds checkpoints "
                        f"(steps {', '.join(map(str, sorted(steps)))}); nothing is overwritten: pass a new "
                        "run_dir, or remove that directory to start over, or set checkpoint.resume=true")
+
+
+def check_resume(config: Config) -> None:
+    """Apply the resume rule to ``config.run_dir`` before anything is compiled or written.
+
+    Raises the :class:`ConfigError` that :func:`restore_latest` would raise later
+    (``checkpoint.resume=false`` with existing checkpoints; an architecture change
+    against the newest checkpoint whose metadata reads), so a mistake costs no
+    compilation. Damaged steps are left for :func:`restore_latest` to report.
+    """
+    if not checkpoint_dir(config.run_dir).is_dir():
+        return
+    mngr = manager(config.run_dir, config.checkpoint, create=False)
+    try:
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if steps and not config.checkpoint.resume:
+            raise _refuse_fresh_start(mngr, steps)
+        for step in steps:
+            try:
+                meta = _read_meta(mngr, step)
+            except Exception:  # noqa: BLE001 - damage: restore_latest warns and falls back
+                continue
+            check_compatible(meta["config"], config, f"step {step} in '{mngr.directory}'")
+            return
+    finally:
+        mngr.close()
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState,
@@ -348,7 +375,7 @@ def load_run(run_dir: str | Path, mesh=None, step: Optional[int] = None) -> tupl
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         raise CheckpointError(f"'{root}' does not exist: no checkpoints in run_dir '{run_dir}'")
-    mngr = manager(run_dir, CheckpointConfig(async_save=False), read_only=True)
+    mngr = manager(run_dir, CheckpointConfig(async_save=False), create=False)
     try:
         steps = sorted(mngr.all_steps(), reverse=True)
         if step is not None:

@@ -148,6 +148,7 @@ def setup(cfg: Config) -> Run:
     Writes nothing. Raises :class:`~jaxtrain.config.ConfigError` or
     :class:`~jaxtrain.data.DataError` (one line naming the problem) for user mistakes.
     """
+    checkpoint.check_resume(cfg)  # an incompatible run_dir fails before any compilation
     corpus = data.load_corpus(cfg.data)
     data.check_corpus(corpus, cfg.model.block_size, cfg.model.vocab_size)
     _check_devices(cfg)
