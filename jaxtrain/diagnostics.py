@@ -13,7 +13,7 @@ Metric names (``<stat>/<module path>``, one TensorBoard group per stat):
 - ``update_ratio/h.0.attn``: ``||update|| / ||param||`` for the module, the
   relative size of the step AdamW took (healthy training is often ~1e-3).
 - ``clipped``: 1.0 when ``clip_by_global_norm`` scaled the gradient this step;
-  its mean over steps is the fraction of steps clipped.
+  the run loop logs its mean over each log interval as ``clip_frac``.
 - ``attn_logit_max/h.0.attn``, ``attn_prob_max/h.0.attn``,
   ``attn_saturated/h.0.attn``: attention-logit statistics a model sows (the
   GPT's attention does when its ``sow_stats`` attribute is True).
@@ -25,7 +25,7 @@ to module ``h.0.attn`` at the default ``depth=3``; ``wte.embedding`` to ``wte``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ from flax import nnx
 PyTree = Any
 
 __all__ = ["module_of", "module_norms", "grad_stats", "clipped", "attention_logit_stats",
-           "sown_stats", "with_sown_stats", "SCOPE"]
+           "sown_stats", "with_sown_stats", "interval_stats", "is_diagnostic", "SCOPE"]
 
 SCOPE = "diagnostics"  # the named scope of every diagnostic op
 _DEPTH = 3  # "h.0.attn": block index and sub-module, the level a per-layer plot wants
@@ -180,3 +180,23 @@ def with_sown_stats(loss_fn: Callable) -> Callable:
         return loss, {**aux, **sown_stats(sown)}
 
     return wrapped
+
+
+# ---------------------------------------------------------------- host side (the run loop)
+
+_PREFIXES = ("grad_norm/", "update_ratio/", "attn_")
+
+
+def is_diagnostic(key: str) -> bool:
+    """Is ``key`` a metric this module adds (``grad_norm/wte``, ``clip_frac``, ...)?"""
+    return key.startswith(_PREFIXES) or key in ("clipped", "clip_frac")
+
+
+def interval_stats(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Host-side summary of the per-step metrics of one log interval.
+
+    ``clip_frac``: the fraction of the interval's steps whose gradient was
+    clipped (the mean of ``clipped``); ``{}`` when the steps carry no ``clipped``.
+    """
+    flags = [float(m["clipped"]) for m in steps if "clipped" in m]
+    return {"clip_frac": sum(flags) / len(flags)} if flags else {}

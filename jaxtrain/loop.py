@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtrain import checkpoint, data, generate, metrics, parallel, signals
+from jaxtrain import checkpoint, data, diagnostics, generate, metrics, parallel, signals
 from jaxtrain.config import Config, ConfigError, to_yaml
 from jaxtrain.models import GPT
 from jaxtrain.optim import make_optimizer
@@ -123,7 +123,8 @@ def _abstract_batch(batch_size: int, block_size: int, mesh: Mesh) -> dict:
 
 def _compile_steps(cfg: Config, mesh: Mesh, abstract_state: TrainState, shardings: PyTree):
     """Ahead-of-time compiled ``(train_step, eval_step)``: a shape change would be an error, never a recompile."""
-    step_fn = functools.partial(train_step, grad_accum=cfg.train.grad_accum)
+    step_fn = functools.partial(train_step, grad_accum=cfg.train.grad_accum, diagnostics=cfg.train.diagnostics,
+                                max_grad_norm=cfg.optim.max_grad_norm)
     train = parallel.jit_train_step(step_fn, mesh, shardings)
     evaluate = parallel.jit_eval_step(lambda s, b: eval_step(s, b)["loss"], mesh, shardings)
     T = cfg.model.block_size
@@ -310,6 +311,8 @@ def _row(run: Run, fetched: list[dict], seconds: float, done: int, t0: float) ->
     """One metrics row: the last step's values, ``nonfinite`` summed over the interval, throughput."""
     row = {"step": done, **_flat_scalars(fetched[-1])}
     row["nonfinite"] = int(sum(int(m["nonfinite"]) for m in fetched))
+    row.pop("clipped", None)  # one step's flag; the interval's fraction is clip_frac
+    row.update(diagnostics.interval_stats(fetched))
     tps = len(fetched) * run.tokens_per_step / max(seconds, 1e-9)
     row["tokens_per_s"] = tps
     mfu = metrics.mfu(tps, run.flops_per_token, run.peak_flops)

@@ -2,6 +2,8 @@
 
 import functools
 import math
+import struct
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxtrain import TrainState, make_optimizer, train_step
+from jaxtrain import TrainState, config, loop, make_optimizer, metrics, train_step
 from jaxtrain import diagnostics as diag
 from jaxtrain.config import OptimConfig
 from jaxtrain.models import GPT, GPTConfig
@@ -179,3 +181,37 @@ def test_diagnostics_off_adds_nothing_to_the_compiled_step(gpt_steps):
     assert f"/{diag.SCOPE}/" in on
     assert on.count(" reduce(") > off.count(" reduce(")
     assert set(gpt_steps["metrics_off"]) == {"loss", "grad_norm", "update_norm", "param_norm", "nonfinite", "lr"}
+
+
+def test_interval_stats_clip_fraction():
+    steps = [{"clipped": 1.0}, {"clipped": 0.0}, {"clipped": 0.0}, {"clipped": 1.0}, {"clipped": 1.0}]
+    assert diag.interval_stats(steps) == {"clip_frac": pytest.approx(0.6)}
+    assert diag.interval_stats([{"loss": 1.0}]) == {}
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_run_logs_and_plots_diagnostics(tmp_path):
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    cfg = config.load(tiny, [f"run_dir={tmp_path}", "train.diagnostics=true", "train.steps=6", "train.log_every=3",
+                             "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=4", "train.batch_size=8",
+                             "model.block_size=32", "model.n_embd=32",
+                             "checkpoint.every=100", "log.progress=false",
+                             "optim.max_grad_norm=1e-4"])  # far below any real gradient norm: every step clips
+    loop.train(cfg)
+    rows = metrics.read_jsonl(tmp_path / metrics.METRICS_FILE)
+    assert [r["step"] for r in rows] == [3, 6]
+    for r in rows:
+        assert r["clip_frac"] == 1.0 and "clipped" not in r
+        parts = [v for k, v in r.items() if k.startswith("grad_norm/")]
+        assert math.sqrt(sum(v * v for v in parts)) == pytest.approx(r["grad_norm"], rel=1e-4)
+        for i in range(cfg.model.n_layer):
+            assert {f"attn_logit_max/h.{i}.attn", f"attn_saturated/h.{i}.attn",
+                    f"update_ratio/h.{i}.mlp"} <= set(r)
+    events = b"".join(f.read_bytes() for f in (tmp_path / metrics.TB_DIR).glob("events.out.tfevents.*"))
+    assert b"grad_norm/h.1.attn" in events and b"train/clip_frac" in events
+    assert _png_size(tmp_path / metrics.PLOT_FILE)[1] == 800  # two rows of panels: the diagnostics are drawn
