@@ -1,0 +1,135 @@
+"""End to end through the real command line: the tiny config trains and writes its run
+directory; bad inputs fail with one line and leave an existing run directory untouched."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxtrain import checkpoint, config, generate, metrics, run
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+QUIET = ["log.progress=false"]
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, timeout=600, cwd=ROOT)
+    # Decode by hand: text mode would turn a generated "\r" into "\n".
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """``(run_dir, completed process)`` of ``python -m jaxtrain.run --config configs/tiny.yaml`` (40 steps)."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    return run_dir, _cli("jaxtrain.run", "--config", str(TINY), f"run_dir={run_dir}", *QUIET)
+
+
+def _summary(stdout: str) -> str:
+    lines = [l for l in stdout.splitlines() if l.startswith("done:")]
+    assert len(lines) == 1, stdout
+    return lines[0]
+
+
+def test_tiny_run_learns_and_writes_its_run_dir(tiny_run):
+    run_dir, r = tiny_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics.read_jsonl(run_dir / metrics.METRICS_FILE)
+    assert [row["step"] for row in rows] == list(range(5, 41, 5))  # log_every=5
+    for row in rows:
+        assert {"loss", "grad_norm", "lr", "update_norm", "param_norm", "nonfinite", "tokens_per_s",
+                "elapsed"} <= set(row)
+        assert row["nonfinite"] == 0 and row["tokens_per_s"] > 0 and "mfu" not in row  # CPU peak unknown
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    val = {row["step"]: row["val_loss"] for row in rows if "val_loss" in row}
+    assert sorted(val) == [20, 40]  # eval_every=20; the last step always
+    assert val[40] < val[20]
+
+    summary = _summary(r.stdout)
+    assert summary.startswith("done: 40 steps") and f"final val loss {val[40]:.4f}" in summary
+    baseline = float(summary.split("unigram baseline ")[1].split(")")[0])
+    assert 3.0 < baseline < 3.4 and val[40] < baseline  # learned more than byte frequencies
+
+    assert (run_dir / metrics.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run_dir / metrics.TB_DIR).glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "40").is_dir()
+    samples = (run_dir / "samples.txt").read_text()
+    assert "===== step 20 =====\ndef " in samples and "===== step 40 =====\ndef " in samples
+    assert config.load(run_dir / "config.yaml") == config.load(TINY, [f"run_dir={run_dir}", *QUIET])
+
+
+def test_generate_cli_on_the_trained_run_matches_the_library(tiny_run):
+    run_dir, _ = tiny_run
+    r = _cli("jaxtrain.generate", "--run-dir", str(run_dir), "--prompt", "def ", "--tokens", "24",
+             "--temperature", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    state, cfg = checkpoint.load_run(run_dir)
+    assert int(state.step) == cfg.train.steps == 40
+    want = generate.sample_text(state, "def ", tokens=24, temperature=0.0)[0]
+    assert r.stdout == want + "\n"
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def _write(path: Path, content: bytes | np.ndarray) -> str:
+    if isinstance(content, np.ndarray):
+        np.save(path, content)
+    else:
+        path.write_bytes(content)
+    return str(path)
+
+
+# name -> (overrides built from a tmp dir, words the one-line message must contain)
+BAD_INPUTS = {
+    "missing path": (lambda tmp: [f"data.source={tmp}/no/such/corpus.txt"], ["data.source", "does not exist"]),
+    "empty corpus": (lambda tmp: [f"data.source={_write(tmp / 'empty.txt', b'')}"], ["empty.txt", "empty"]),
+    "shorter than a block": (lambda tmp: [f"data.source={_write(tmp / 'short.txt', b'x = 1' * 10)}"],
+                             ["short.txt", "48 tokens", "model.block_size+1=65"]),
+    "token id >= vocab": (lambda tmp: [f"data.source={_write(tmp / 'ids.npy', np.arange(4000) % 300)}"],
+                          ["ids.npy", "max token id 299", "model.vocab_size=256"]),
+    "unknown key": (lambda tmp: ["optim.lrr=0.1"], ["'optim.lrr'", "did you mean 'optim.lr'"]),
+    "wrong type": (lambda tmp: ["train.steps=many"], ["'train.steps'", "'many'"]),
+    "bad choice": (lambda tmp: ["model.dtype=float8"], ["model.dtype='float8'", "float32, bfloat16, float16"]),
+    "batch does not split": (lambda tmp: ["train.batch_size=12"], ["train.batch_size=12", "divisible"]),
+    "changed model on resume": (lambda tmp: ["model.n_layer=3"], ["model.n_layer", "saved 2", "now 3"]),
+}
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_in_one_line_and_leaves_the_run_dir_alone(case, tiny_run, tmp_path, capsys):
+    run_dir, r = tiny_run
+    assert r.returncode == 0
+    make_overrides, words = BAD_INPUTS[case]
+    before = _snapshot(run_dir)
+    status = run.main(["--config", str(TINY), f"run_dir={run_dir}", *QUIET, *make_overrides(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == run.EXIT_USER_ERROR
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for word in words:
+        assert word in err[0], (word, err[0])
+    assert _snapshot(run_dir) == before
+
+
+def test_failing_run_creates_no_run_dir(tmp_path, capsys):
+    for overrides in (["optim.lrr=1"], [f"data.source={tmp_path}/missing.txt"]):
+        assert run.main(["--config", str(TINY), f"run_dir={tmp_path}/new", *QUIET, *overrides]) != 0
+    assert not (tmp_path / "new").exists()
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2
+
+
+def test_real_process_exits_nonzero_with_one_line(tmp_path):
+    r = _cli("jaxtrain.run", "--config", str(TINY), f"run_dir={tmp_path}/run", "train.stepz=3")
+    assert r.returncode == run.EXIT_USER_ERROR
+    assert r.stderr.strip().splitlines() == [
+        "error: unknown config key 'train.stepz' in command-line overrides; did you mean 'train.steps'?"]
+    assert not (tmp_path / "run").exists()
