@@ -57,6 +57,7 @@ class Summary:
     tokens_per_s: float  # training tokens / training seconds of this invocation
     mfu: Optional[float]  # model FLOPs utilisation; None when the device peak is unknown
     train_s: float  # seconds spent in training steps (excludes eval, samples, checkpoints)
+    loop_s: float  # seconds of the loop: first step to last checkpoint committed, everything included
     wall_s: float  # seconds of the whole call, setup and compilation included
     sample: str  # the final text sample
 
@@ -200,6 +201,7 @@ def train(cfg: Config) -> Summary:
     mngr = checkpoint.manager(cfg.run_dir, cfg.checkpoint)
     try:
         state, start, resumed = _initial_state(run, mngr)
+        generate.sample_text(state, cfg.train.sample_prompt, tokens=1)  # compile decoding outside the loop
         if run.is_main:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run_dir) / CONFIG_FILE).write_text(to_yaml(cfg))
@@ -225,6 +227,7 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
     with log, batches, signals.StopSignals() as stop:
         _announce(run, log, resumed)
         jax.block_until_ready(state)
+        t_loop = time.perf_counter()
         clock.start()
         for step, batch in batches:
             state, step_metrics = run.train_step(state, batch)
@@ -267,7 +270,7 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
             val_loss, sample = evaluate(run, state), _sample(run, state, int(state.step))
         log.echo(f"sample at step {int(state.step)}:\n{sample}")
     mngr.wait_until_finished()
-    return _finish(run, state, start, val_loss, sample, clock.total, t0)
+    return _finish(run, state, start, val_loss, sample, clock.total, time.perf_counter() - t_loop, t0)
 
 
 def _nonfinite_stop(run: Run, state: TrainState, watch: signals.NonFiniteWatch, mngr) -> signals.NonFiniteError:
@@ -340,13 +343,13 @@ def _sample(run: Run, state: TrainState, step: int) -> str:
 
 
 def _finish(run: Run, state: TrainState, start: int, val_loss: float, sample: str,
-            train_s: float, t0: float) -> Summary:
+            train_s: float, loop_s: float, t0: float) -> Summary:
     """Plot, print the summary line, return the :class:`Summary`."""
     steps = int(state.step)
     tps = (steps - start) * run.tokens_per_step / train_s if train_s > 0 else 0.0
     summary = Summary(steps=steps, val_loss=val_loss, baseline=run.baseline, tokens_per_s=tps,
                       mfu=metrics.mfu(tps, run.flops_per_token, run.peak_flops), train_s=train_s,
-                      wall_s=time.perf_counter() - t0, sample=sample)
+                      loop_s=loop_s, wall_s=time.perf_counter() - t0, sample=sample)
     if run.is_main:
         if run.cfg.log.plot:
             rows = metrics.read_jsonl(Path(run.cfg.run_dir) / metrics.METRICS_FILE)
