@@ -133,3 +133,57 @@ def test_real_process_exits_nonzero_with_one_line(tmp_path):
     assert r.stderr.strip().splitlines() == [
         "error: unknown config key 'train.stepz' in command-line overrides; did you mean 'train.steps'?"]
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- metrics files
+
+
+def test_metrics_log_on_resume_keeps_history_up_to_the_resumed_step(tmp_path):
+    with metrics.MetricsLog(tmp_path, start_step=0, total_steps=30, enabled=True, progress=False) as log:
+        for step in (10, 20, 30):
+            log.write({"step": step, "loss": 1.0 / step})
+    with open(tmp_path / metrics.METRICS_FILE, "a") as f:
+        f.write('{"step": 40, "lo')  # a run killed mid-write
+    assert [r["step"] for r in metrics.read_jsonl(tmp_path / metrics.METRICS_FILE)] == [10, 20, 30]
+    # Resuming from a checkpoint at step 20: rows 30 (and the torn one) belong to the lost future.
+    with metrics.MetricsLog(tmp_path, start_step=20, total_steps=40, enabled=True, progress=False,
+                            tensorboard=False) as log:
+        log.write({"step": 30, "loss": 0.5, "val_loss": float("nan")})
+    rows = metrics.read_jsonl(tmp_path / metrics.METRICS_FILE)
+    assert [(r["step"], r["loss"]) for r in rows] == [(10, 0.1), (20, 0.05), (30, 0.5)]
+    assert rows[-1]["val_loss"] == "nan"  # strict JSON: non-finite floats are written as strings
+
+
+def test_disabled_metrics_log_writes_nothing(tmp_path):
+    with metrics.MetricsLog(tmp_path, start_step=0, total_steps=5, enabled=False) as log:
+        log.write({"step": 1, "loss": 1.0})
+        log.echo("not shown")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mfu_uses_the_peak_table_or_the_override():
+    class Dev:
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    assert metrics.peak_flops([Dev("NVIDIA H100 80GB HBM3")] * 8) == 8 * 989e12
+    assert metrics.peak_flops([Dev("TPU v5 lite")]) == 197e12  # not TPU v5's 459e12
+    assert metrics.peak_flops([Dev("cpu")]) is None
+    assert metrics.peak_flops([Dev("cpu")] * 2, override=1e11) == 2e11
+    fpt = metrics.flops_per_token(1000, 100, n_layer=2, n_embd=8, block_size=4)
+    assert fpt == 6 * 900 + 12 * 2 * 8 * 4
+    assert metrics.mfu(1e3, fpt, 2 * fpt * 1e3) == 0.5 and metrics.mfu(1e3, fpt, None) is None
+
+
+def test_flops_per_token_from_counts_matches_the_model():
+    from flax import nnx
+
+    from jaxtrain.models import GPT
+    from jaxtrain.models.gpt import GPTConfig
+
+    mc = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(mc, rngs=nnx.Rngs(0))
+    n = model.num_params(non_embedding=False)
+    # what the loop computes from the abstract state's parameter count
+    assert metrics.flops_per_token(n, mc.block_size * mc.n_embd, n_layer=2, n_embd=16,
+                                   block_size=32) == model.flops_per_token()
