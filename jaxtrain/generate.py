@@ -35,7 +35,7 @@ _START = data.encode("\n")  # an empty prompt starts at a line break
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode_step(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, window_BT: jax.Array,
-                 length: jax.Array, key: jax.Array, temperature: jax.Array,
+                 length: jax.Array, seed: jax.Array, index: jax.Array, temperature: jax.Array,
                  top_k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pick the token after ``window_BT[:, :length]`` and append it.
 
@@ -43,7 +43,7 @@ def _decode_step(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, wi
       window_BT: int32 ``[B, T]`` with ``T = block_size``; positions ``>= length`` are
         ignored (the model is causal).
       length: int32 scalar in ``[1, T]``: valid tokens in the window.
-      key: typed PRNG key for this token.
+      seed, index: int32 scalars; this token's key is ``fold_in(key(seed), index)``.
       temperature: float32 scalar; 0 means greedy (argmax).
       top_k: int32 scalar; sample among the ``top_k`` most likely tokens (0 = all).
     Returns:
@@ -54,7 +54,7 @@ def _decode_step(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, wi
     T = window_BT.shape[1]
     logits_BTV = model(window_BT)
     logits_BV = jax.lax.dynamic_index_in_dim(logits_BTV, length - 1, axis=1, keepdims=False)
-    token_B = pick(logits_BV, key, temperature, top_k)
+    token_B = pick(logits_BV, jax.random.fold_in(jax.random.key(seed), index), temperature, top_k)
     appended = jax.lax.dynamic_update_index_in_dim(window_BT, token_B, length % T, axis=1)
     shifted = jnp.roll(window_BT, -1, axis=1).at[:, -1].set(token_B)
     window_BT = jnp.where(length < T, appended, shifted)
@@ -77,27 +77,27 @@ def pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: ja
 
 def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt: np.ndarray, *,
              tokens: int, block_size: int, temperature: float = 1.0, top_k: int = 0,
-             key: jax.Array | int = 0, num_samples: int = 1) -> np.ndarray:
+             seed: int = 0, num_samples: int = 1) -> np.ndarray:
     """Continue ``prompt`` (1-D token ids) by ``tokens`` tokens, ``num_samples`` times.
 
     Only the last ``block_size`` prompt tokens are seen; an empty prompt starts
     at ``"\\n"``. Returns the new tokens, int32 ``[num_samples, tokens]``.
-    Tokens are collected on the device and fetched once at the end.
+    Tokens are collected on the device and fetched once at the end. The first
+    call gets host (numpy) inputs only, so under a multi-process mesh every
+    process passes identical values and JAX treats them as replicated.
     """
     prompt = np.asarray(prompt, dtype=np.int32).reshape(-1)
     if prompt.size == 0:
         prompt = _START.astype(np.int32)
-    if isinstance(key, int):
-        key = jax.random.key(key)
     prompt = prompt[-block_size:]
     window = np.zeros((num_samples, block_size), np.int32)
     window[:, : prompt.size] = prompt
-    window, length = jnp.asarray(window), jnp.asarray(prompt.size, jnp.int32)
-    temperature, top_k = jnp.float32(temperature), jnp.int32(top_k)
+    length, seed = np.int32(prompt.size), np.int32(seed)
+    temperature, top_k = np.float32(temperature), np.int32(top_k)
     out = []
     for i in range(tokens):
-        window, length, token_B = _decode_step(graphdef, params, model_state, window, length,
-                                               jax.random.fold_in(key, i), temperature, top_k)
+        window, length, token_B = _decode_step(graphdef, params, model_state, window, length, seed,
+                                               np.int32(i), temperature, top_k)
         out.append(token_B)
     if not out:
         return np.zeros((num_samples, 0), np.int32)
@@ -112,7 +112,7 @@ def sample_text(state, prompt: str, *, tokens: int, temperature: float = 1.0, to
     """
     block_size = state.model().config.block_size
     new = generate(state.graphdef, state.params, state.model_state, data.encode(prompt), tokens=tokens,
-                   block_size=block_size, temperature=temperature, top_k=top_k, key=seed,
+                   block_size=block_size, temperature=temperature, top_k=top_k, seed=seed,
                    num_samples=num_samples)
     return [prompt + data.decode(row) for row in new]
 

@@ -100,7 +100,7 @@ def test_decode_compiles_once_for_any_prompt_length_temperature_and_top_k(model_
     before = generate._decode_step._cache_size()
     for p, n, t, k, seed in [("", 3, 0.0, 0, 1), ("x" * 50, 7, 1.3, 5, 2), ("import os\n", 1, 0.7, 1, 3)]:
         out = generate.generate(*model_parts, data.encode(p), tokens=n, block_size=BLOCK, temperature=t,
-                                top_k=k, key=seed)
+                                top_k=k, seed=seed)
         assert out.shape == (1, n)
     assert generate._decode_step._cache_size() == before
 
@@ -110,17 +110,17 @@ def test_top1_is_deterministic_and_equals_greedy(model_parts):
     greedy = generate.generate(*model_parts, prompt, tokens=12, block_size=BLOCK, temperature=0.0)
     for seed in (0, 1):
         top1 = generate.generate(*model_parts, prompt, tokens=12, block_size=BLOCK, temperature=0.9, top_k=1,
-                                 key=seed, num_samples=2)
+                                 seed=seed, num_samples=2)
         np.testing.assert_array_equal(top1, np.repeat(greedy, 2, axis=0))
 
 
 def test_seeds_and_rows_differ_when_sampling(model_parts):
     prompt = data.encode("x")
-    a = generate.generate(*model_parts, prompt, tokens=24, block_size=BLOCK, temperature=1.0, key=0,
+    a = generate.generate(*model_parts, prompt, tokens=24, block_size=BLOCK, temperature=1.0, seed=0,
                           num_samples=2)
-    b = generate.generate(*model_parts, prompt, tokens=24, block_size=BLOCK, temperature=1.0, key=1)
+    b = generate.generate(*model_parts, prompt, tokens=24, block_size=BLOCK, temperature=1.0, seed=1)
     assert not np.array_equal(a[0], a[1]) and not np.array_equal(a[0], b[0])
-    again = generate.generate(*model_parts, prompt, tokens=24, block_size=BLOCK, temperature=1.0, key=0,
+    again = generate.generate(*model_parts, prompt, tokens=24, block_size=BLOCK, temperature=1.0, seed=0,
                               num_samples=2)
     np.testing.assert_array_equal(a, again)
 
