@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 
 from jaxtrain import config as config_lib
-from jaxtrain import data, loop
+from jaxtrain import loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
