@@ -141,11 +141,17 @@ def nonfinite_leaves(tree: PyTree) -> tuple[list[str], int]:
     host (works for sharded and multi-host arrays).
     """
     import jax
+
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    flags = jax.device_get(jax.tree.leaves(_finite_flags(tree)))
+    return [p for p, ok in zip(paths, flags) if not ok], len(paths)
+
+
+def _finite_flags(tree: PyTree) -> PyTree:
+    import jax
     import jax.numpy as jnp
 
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    flags = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in flat])
-    return [path_str(p) for (p, _), ok in zip(flat, flags) if not ok], len(flat)
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree)
 
 
 def diagnose_nonfinite(state, batch, step: int, *, loss_fn=None, grad_accum: int = 1, compute_dtype=None) -> str:
@@ -159,17 +165,31 @@ def diagnose_nonfinite(state, batch, step: int, *, loss_fn=None, grad_accum: int
         ``fold_in(state.rng, step)``, as in ``train_step``).
     Returns:
       e.g. ``"loss=nan; gradient non-finite in 16 of 16 parameters, first:
-      h.0.attn.c_attn.bias"`` ("first" in the params' pytree order). Runs
-      op by op, once, at the stop.
+      h.0.attn.c_attn.bias"`` ("first" in the params' pytree order). Compiles
+      one gradient computation; meant to run once, when the run stops.
     """
     import jax
 
-    from jaxtrain.step import _accumulate, lm_loss  # exactly the gradient train_step computes
+    from jaxtrain.step import lm_loss
 
-    rng = jax.random.fold_in(state.rng, step)
-    loss, _, _, grads = _accumulate(state, batch, rng, loss_fn or lm_loss, grad_accum, compute_dtype, None)
-    bad, total = nonfinite_leaves(grads)
+    loss, flags = jax.device_get(_loss_and_flags(state, batch, step, loss_fn or lm_loss, grad_accum, compute_dtype))
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+    bad = [p for p, ok in zip(paths, jax.tree.leaves(flags)) if not ok]
     text = f"loss={float(loss):.6g}; "
     if not bad:
         return text + "every parameter gradient is finite on recomputation"
-    return text + f"gradient non-finite in {len(bad)} of {total} parameters, first: {bad[0]}"
+    return text + f"gradient non-finite in {len(bad)} of {len(paths)} parameters, first: {bad[0]}"
+
+
+def _loss_and_flags(state, batch, step, loss_fn, grad_accum, compute_dtype):
+    """``(loss, per-parameter "gradient is finite" flags)``, jitted once per static setting."""
+    import jax
+
+    from jaxtrain.step import _accumulate  # exactly the gradient train_step computes
+
+    def f(state, batch, step):
+        rng = jax.random.fold_in(state.rng, step)
+        loss, _, _, grads = _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, None)
+        return loss, _finite_flags(grads)
+
+    return jax.jit(f)(state, batch, step)
