@@ -188,6 +188,8 @@ def _check_tree(mngr: ocp.CheckpointManager, step: int, target: dict, where: str
     saved = getattr(saved, "tree", saved)
     flat_saved = {path_str(p): tuple(x.shape)
                   for p, x in jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(x, "shape")}
+    if not flat_saved:  # the tree metadata itself is gone: damage, not a different model
+        raise FileNotFoundError(f"no array metadata in '{mngr.directory}/{step}/state'")
     flat_target = {path_str(p): tuple(x.shape)
                    for p, x in jax.tree_util.tree_flatten_with_path(_key_data_shapes(target))[0]}
     for path in sorted(set(flat_saved) | set(flat_target)):
@@ -210,7 +212,38 @@ def _key_data_shapes(tree: PyTree) -> PyTree:
 def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
     target = leaves(abstract_state)
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-    return abstract_state.replace(**{name: restored[name] for name in LEAVES})
+    state = abstract_state.replace(**{name: restored[name] for name in LEAVES})
+    return _current_hyperparams(state, abstract_state)
+
+
+def _is_injected(node) -> bool:
+    return hasattr(node, "hyperparams") and hasattr(node, "hyperparams_states")
+
+
+def _current_hyperparams(state: TrainState, abstract_state: TrainState) -> TrainState:
+    """Put the current optimizer's constant hyper-parameters into a restored ``opt_state``.
+
+    ``optax.inject_hyperparams`` keeps constant hyper-parameters (AdamW's b1, b2,
+    eps, weight_decay) as arrays in the optimizer state and reads them from
+    there, so a restored state would silently keep the saved values when the
+    config changed them. Scheduled ones (the learning rate) are recomputed from
+    the step count every update and stay as restored.
+    """
+    def constants(opt_state):
+        nodes = jax.tree.leaves(opt_state, is_leaf=_is_injected)
+        return [{k: v for k, v in n.hyperparams.items() if k not in n.hyperparams_states}
+                for n in nodes if _is_injected(n)]
+
+    if not constants(abstract_state.opt_state):
+        return state
+    shardings = jax.tree.map(lambda x: x.sharding, constants(abstract_state.opt_state))
+    # Only the scalars are returned, so XLA drops the moment buffers init would allocate.
+    fresh = iter(jax.jit(lambda p: constants(state.tx.init(p)), out_shardings=shardings)(state.params))
+
+    def update(node):
+        return node._replace(hyperparams={**node.hyperparams, **next(fresh)}) if _is_injected(node) else node
+
+    return state.replace(opt_state=jax.tree.map(update, state.opt_state, is_leaf=_is_injected))
 
 
 def _refuse_fresh_start(mngr: ocp.CheckpointManager, steps: list[int]) -> ConfigError:
