@@ -136,7 +136,9 @@ class GPT(nnx.Module):
         x_BTC = self.drop(x_BTC, deterministic=deterministic, rngs=rngs)
         for block in self.h:
             if cfg.remat:
-                x_BTC = nnx.remat(lambda b, x: b(x, rngs=rngs, deterministic=deterministic))(block, x_BTC)
+                # rngs goes in as an argument, not a closure: dropout advances its
+                # counter, and nnx transforms only let arguments be mutated.
+                x_BTC = nnx.remat(lambda b, x, r: b(x, rngs=r, deterministic=deterministic))(block, x_BTC, rngs)
             else:
                 x_BTC = block(x_BTC, rngs=rngs, deterministic=deterministic)
         x_BTC = self.ln_f(x_BTC).astype(dtype)
