@@ -1,0 +1,161 @@
+"""Two processes on one machine train through the real command line like one process does.
+
+Each run is ``python -m jaxtrain.run --config configs/tiny.yaml`` in fresh
+subprocesses; the multi-process ones talk through ``jax.distributed`` on
+127.0.0.1 (gloo collectives on CPU) with 2 CPU devices per process, the layout
+that once hung when batches were placed with ``jax.device_put`` from the
+prefetch thread. Runs (global batch 8 in all of them):
+
+- R: 1 process x 1 device, steps 0 -> 40 (the reference)
+- A: 2 processes x 2 devices, 0 -> 20; then 1 process resumes, 20 -> 40
+- B: 1 process, 0 -> 20; then 2 processes resume, 20 -> 40
+
+Every logged training loss and validation loss of A and B must equal R's
+within float32 tolerance. Every launch has a timeout and is killed on expiry,
+so a hang fails the test instead of blocking CI. A compilation cache shared by
+the launches keeps the test to two compilations (one per process layout).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "tiny.yaml"
+STEPS, SPLIT = 40, 20
+DEVICES_PER_PROCESS = 2  # with 2 processes: 4 devices, the data axis spans both processes
+TIMEOUT_S = 360  # per launch; compiling on a loaded 2-core machine takes most of it
+# 1 device vs 4 devices (different reduction order), 40 AdamW steps, float32:
+# measured relative differences <= 1.5e-6 (train loss) and 3e-7 (val loss); a
+# wrong batch split or a lost step is > 1e-2.
+RTOL = 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(cache_dir: Path) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("XLA_FLAGS", None)  # devices per process come from parallel.local_device_count
+    return env
+
+
+class Launch:
+    """``n_processes`` CLI processes training ``run_dir`` to ``steps``; :meth:`wait` checks them."""
+
+    def __init__(self, run_dir: Path, n_processes: int, steps: int, cache_dir: Path):
+        self.logs = [run_dir.parent / f"{run_dir.name}.{steps}.p{i}.log" for i in range(n_processes)]
+        common = ["--config", str(CONFIG), f"run_dir={run_dir}", f"train.steps={steps}",
+                  f"optim.decay_steps={STEPS}",  # one schedule however far each launch goes
+                  "log.progress=false", "log.tensorboard=false", "log.plot=false"]
+        if n_processes == 1:
+            per_process = [["parallel.local_device_count=1"]]
+        else:
+            port = _free_port()
+            per_process = [[f"parallel.local_device_count={DEVICES_PER_PROCESS}",
+                            f"parallel.coordinator_address=127.0.0.1:{port}",
+                            f"parallel.num_processes={n_processes}", f"parallel.process_id={i}"]
+                           for i in range(n_processes)]
+        self.procs = []
+        for log, extra in zip(self.logs, per_process):
+            with open(log, "w") as out:
+                # a new session per process, so a hung one is killed with all it started
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "jaxtrain.run", *common, *extra],
+                                                   cwd=ROOT, env=_env(cache_dir), stdout=out,
+                                                   stderr=subprocess.STDOUT, start_new_session=True))
+
+    def output(self, i: int) -> str:
+        return self.logs[i].read_text()
+
+    def _tails(self) -> str:
+        return "\n".join(f"--- process {i} (last lines):\n" + "\n".join(self.output(i).splitlines()[-15:])
+                         for i in range(len(self.procs)))
+
+    def wait(self) -> "Launch":
+        try:
+            for p in self.procs:
+                p.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            # SIGKILL: jax.distributed installs a SIGTERM handler (preemption notice),
+            # so a process stuck in a collective ignores a plain terminate.
+            for p in self.procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            pytest.fail(f"{len(self.procs)}-process run did not finish in {TIMEOUT_S}s (hang?)\n{self._tails()}")
+        codes = [p.returncode for p in self.procs]
+        assert codes == [0] * len(codes), f"exit codes {codes}\n{self._tails()}"
+        return self
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _curve(run_dir: Path, key: str) -> dict[int, float]:
+    return {row["step"]: row[key] for row in _metrics(run_dir) if key in row}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multihost")
+    cache = tmp / "compilation-cache"
+    r, a, b = tmp / "R", tmp / "A", tmp / "B"
+    # Independent launches run side by side; a resume waits for the launch it continues.
+    ref, a1 = Launch(r, 1, STEPS, cache), Launch(a, 2, SPLIT, cache)
+    ref.wait(), a1.wait()
+    a2, b1 = Launch(a, 1, STEPS, cache), Launch(b, 1, SPLIT, cache)
+    a2.wait(), b1.wait()
+    b2 = Launch(b, 2, STEPS, cache).wait()
+    return dict(R=r, A=a, B=b, a1=a1, a2=a2, b1=b1, b2=b2)
+
+
+def _assert_close(got: dict[int, float], want: dict[int, float], steps: range, what: str):
+    missing = [s for s in steps if s not in got]
+    assert not missing, f"{what}: no value logged at steps {missing}"
+    for s in steps:
+        assert got[s] == pytest.approx(want[s], rel=RTOL), f"{what} at step {s}: {got[s]} vs one process {want[s]}"
+
+
+def test_two_processes_match_one_process(runs):
+    ref_loss, ref_val = _curve(runs["R"], "loss"), _curve(runs["R"], "val_loss")
+    assert ref_loss[STEPS] < ref_loss[5] - 0.5  # the reference learned something
+    first, second = range(5, SPLIT + 1, 5), range(SPLIT + 5, STEPS + 1, 5)
+    # A: two processes for the first half
+    _assert_close(_curve(runs["A"], "loss"), ref_loss, first, "A (2 processes) train loss")
+    _assert_close(_curve(runs["A"], "val_loss"), ref_val, [SPLIT], "A (2 processes) val loss")
+    # B: two processes for the second half, resumed from a one-process checkpoint
+    _assert_close(_curve(runs["B"], "loss"), ref_loss, second, "B (2 processes, resumed) train loss")
+    _assert_close(_curve(runs["B"], "val_loss"), ref_val, [STEPS], "B (2 processes, resumed) val loss")
+    assert "4 cpu devices" in runs["b2"].output(0)
+
+
+def test_checkpoint_moves_between_process_counts(runs):
+    ref_loss = _curve(runs["R"], "loss")
+    second = range(SPLIT + 5, STEPS + 1, 5)
+    # A: written by 2 processes at step 20, resumed and finished by 1 process
+    _assert_close(_curve(runs["A"], "loss"), ref_loss, second, "A (1 process, resumed) train loss")
+    for launch in ("a2", "b2"):
+        assert f"resuming from step {SPLIT}" in runs[launch].output(0), f"{launch} did not resume"
+    for run in ("A", "B"):
+        steps = sorted(int(p.name) for p in (runs[run] / "checkpoints").iterdir() if p.name.isdigit())
+        assert steps == [SPLIT, STEPS]
+
+
+def test_only_process_zero_writes(runs):
+    for run in ("A", "B"):
+        logged = [row["step"] for row in _metrics(runs[run])]
+        assert logged == sorted(set(logged)), f"{run}: a step logged twice: {logged}"
+    for launch in ("a1", "b2"):
+        out1 = runs[launch].output(1)
+        assert "done:" in runs[launch].output(0) and "done:" not in out1, "process 1 printed a summary"
