@@ -237,7 +237,7 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
             events = {name: _due(done, every, tc.steps) for name, every in (
                 ("log", tc.log_every), ("eval", tc.eval_every), ("sample", tc.sample_every),
                 ("checkpoint", cfg.checkpoint.every))}
-            preempt = stop.requested is not None and done < tc.steps
+            preempt = signals.stop_agreed(stop, at_sync_point=any(events.values())) and done < tc.steps
             if preempt:  # save and leave quickly: no eval or sample
                 events.update(eval=False, sample=False, checkpoint=True)
             if not any(events.values()):

@@ -98,6 +98,31 @@ class StopSignals:
             os._exit(INTERRUPTED_EXIT_CODE)
 
 
+def stop_agreed(stop: StopSignals, *, at_sync_point: bool) -> bool:
+    """Whether to stop now: this process's request, or, with several processes, anyone's.
+
+    A signal reaches each process of a multi-host run at its own moment, but they
+    must all save the same step (the save is collective). So with more than one
+    process the flags are combined, by one tiny all-gather, only at
+    ``at_sync_point`` steps, which every process must pass at the same steps
+    (the loop's log / checkpoint steps); elsewhere the answer is False.
+    """
+    if stop.requested is not None and _process_count() == 1:
+        return True
+    if _process_count() == 1 or not at_sync_point:
+        return False
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(stop.requested is not None))))
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
 class NonFiniteWatch:
     """Counts consecutive non-finite (skipped) steps.
 
