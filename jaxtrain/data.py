@@ -260,10 +260,12 @@ class Prefetcher:
     """Iterate ``(step, place(make_batch(step)))`` for ``step in range(start, end)``.
 
     A daemon thread works up to ``depth`` batches ahead (plus the one it is making),
-    so host sampling and device transfer (``place``, e.g. ``jax.device_put`` with a
-    sharding) overlap the training step. An exception in the thread is re-raised in
-    the consumer. ``depth=0`` runs synchronously. Use as a context manager or call
-    :meth:`close`.
+    so host sampling and device transfer (``place``, e.g.
+    :func:`jaxtrain.parallel.place_batch`) overlap the training step. ``place`` runs
+    in the thread, so it must not issue cross-process collectives (in a multi-process
+    run ``jax.device_put`` onto a global sharding does; see :mod:`jaxtrain.parallel`).
+    An exception in the thread is re-raised in the consumer. ``depth=0`` runs
+    synchronously. Use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, make_batch: Callable[[int], dict], start: int, end: int, *,

@@ -24,9 +24,19 @@ Typical use (what the run loop does)::
 
 Multi-host: every process runs the same program on its own slice of the global
 batch (rows ``[p * B / P, (p + 1) * B / P)`` for process ``p`` of ``P``). Every
-process must dispatch the same jitted computations in the same order (collectives
-are matched by order); only side effects such as writing files are restricted to
-process 0 (:func:`is_main_process`).
+process must dispatch the same computations that span processes, in the same
+order and from one thread: cross-process collectives (gloo on CPU, NCCL on GPU)
+are matched by the order in which they are issued, and two orders deadlock. Only
+side effects such as writing files are restricted to process 0
+(:func:`is_main_process`).
+
+That is why :func:`place_batch` uses ``jax.make_array_from_process_local_data``
+(local copies only) and never ``jax.device_put(host_array, global_sharding)``:
+in a multi-process run the latter first checks that every process passed the
+same data with a cross-process all-gather. Called from a prefetch thread, that
+all-gather races with the training step's collectives on the main thread, and
+the processes can issue them in opposite orders: with 2 processes x 2 CPU
+devices the run hangs after the first step.
 """
 
 from __future__ import annotations
