@@ -17,8 +17,13 @@ from jaxtrain.models import GPT, GPTConfig
 TINY = GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False)
 
 
-def _gpt_params(cfg: GPTConfig = TINY):
+@functools.cache
+def _initial_gpt_params(cfg: GPTConfig):
     return nnx.to_pure_dict(nnx.state(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+
+
+def _gpt_params(cfg: GPTConfig = TINY):
+    return jax.tree.map(jnp.copy, _initial_gpt_params(cfg))
 
 
 def _flat(tree) -> dict[str, jax.Array]:

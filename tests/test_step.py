@@ -39,9 +39,14 @@ def grads_of(state: TrainState):
     return optax.tree.get(state.opt_state, "grads")
 
 
+# One transform object for all GPT states: tx is static in TrainState, so states
+# built with separately made (even identical) transforms would compile separately.
+GPT_TX = record_grads(make_optimizer(ADAMW))
+
+
 @functools.cache
 def _initial_gpt_state(cfg: GPTConfig, seed: int) -> TrainState:
-    return TrainState.create(GPT(cfg, rngs=nnx.Rngs(seed)), record_grads(make_optimizer(ADAMW)), rng=seed)
+    return TrainState.create(GPT(cfg, rngs=nnx.Rngs(seed)), GPT_TX, rng=seed)
 
 
 def gpt_state(cfg: GPTConfig = TINY, seed: int = 0) -> TrainState:

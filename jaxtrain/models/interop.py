@@ -2,14 +2,16 @@
 
 This module is the one place that knows how the two parameter layouts map onto
 each other: the tables below list every nanoGPT key, the jaxtrain path it
-maps to, and how the array is laid out on each side. If the GPT's parameter
-layout changes, change the tables (and only them).
+maps to, and how the array is laid out on each side (a ``Layout``). If the
+GPT's parameter layout changes (names, fused or stacked weights), change the
+tables, ``Layout``s and ``_table`` here, and keep ``tests/test_interop.py`` and
+``tests/test_parity_torch.py`` green.
 
 Example::
 
     sd = torch_model.state_dict()                      # nanoGPT key names
     params = from_torch_state_dict(state.params, sd)   # -> a params pytree like state.params
-    state = state.replace(params=params)
+    state = state.replace(params=params)               # on a fresh state: Adam's moments are zeros
     sd_np = to_torch_state_dict(state.params, cfg)     # -> {nanoGPT key: np.ndarray}
     torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd_np.items()})
 """
@@ -118,7 +120,8 @@ def _is_tied(reference: PyTree) -> bool:
 def _reference_params(model: Any) -> PyTree:
     """A nested dict of arrays (or shape structs) for a GPT, its params, or its config."""
     if isinstance(model, GPTConfig):
-        model = nnx.eval_shape(lambda: GPT(model, rngs=nnx.Rngs(0)))
+        cfg = model
+        model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))  # shapes only, nothing allocated
     if isinstance(model, nnx.Module):
         model = nnx.state(model, nnx.Param)
     if isinstance(model, nnx.State):
