@@ -41,7 +41,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxtrain import config as config_lib
@@ -199,7 +198,6 @@ def _check_tree(mngr: ocp.CheckpointManager, step: int, target: dict, where: str
                               f"{path} saved {a}, now {b}; pass a new run_dir to start a new run")
 
 
-
 def _key_data_shapes(tree: PyTree) -> PyTree:
     """Typed PRNG keys are stored as their uint32 key data: compare those shapes."""
     def shape(x):
@@ -309,21 +307,11 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState,
     damaged: list[int] = []
     first_error = None
     for step in steps:
-        where = f"step {step} in '{mngr.directory}'"
         try:
-            meta = _read_meta(mngr, step)
-        except Exception as e:  # noqa: BLE001 - any failure to read means damage
-            first_error = first_error or e
-            damaged.append(step)
-            _warn_damaged(step, mngr, e)
-            continue
-        check_compatible(meta["config"], config, where)
-        try:
-            _check_tree(mngr, step, leaves(abstract_state), where)
-            state = _restore_step(mngr, step, abstract_state)
+            state, meta = _restore_checked(mngr, step, abstract_state, config)
         except ConfigError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any other failure to read means damage
             first_error = first_error or e
             damaged.append(step)
             _warn_damaged(step, mngr, e)
@@ -332,6 +320,20 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState,
         return state, meta
     raise CheckpointError(f"no readable checkpoint in '{mngr.directory}' (steps {', '.join(map(str, steps))} "
                           f"all failed; newest: {_one_line(first_error)}); nothing was deleted")
+
+
+def _restore_checked(mngr: ocp.CheckpointManager, step: int, abstract_state: TrainState,
+                     config: Config) -> tuple[TrainState, dict]:
+    """``(state, meta)`` of one step after the config and tree checks.
+
+    Raises :class:`ConfigError` when the step belongs to a different model; any
+    other exception means the step is damaged.
+    """
+    where = f"step {step} in '{mngr.directory}'"
+    meta = _read_meta(mngr, step)
+    check_compatible(meta["config"], config, where)
+    _check_tree(mngr, step, leaves(abstract_state), where)
+    return _restore_step(mngr, step, abstract_state), meta
 
 
 def _one_line(e: Optional[BaseException]) -> str:
@@ -417,7 +419,6 @@ def load_run(run_dir: str | Path, mesh=None, step: Optional[int] = None) -> tupl
             steps = [step]
         if not steps:
             raise CheckpointError(f"no checkpoints in '{root}'")
-        meta = None
         for s in steps:
             try:
                 meta = _read_meta(mngr, s)

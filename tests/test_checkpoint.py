@@ -127,7 +127,7 @@ def test_keep_and_keep_every(cfg):
     cfg = config_lib.replace(cfg, checkpoint=dict(keep=2, keep_every=4))
     state = trained_looking(cfg)
     mngr = saved(cfg, *(state.replace(step=jnp.int32(s)) for s in range(1, 10)))
-    assert mngr.all_steps() == [4, 8, 9] or sorted(mngr.all_steps()) == [4, 8, 9]
+    assert sorted(mngr.all_steps()) == [4, 8, 9]  # the newest 2, and every 4th
 
 
 # ---------------------------------------------------------------- the resume rule
@@ -217,7 +217,7 @@ def test_damaged_newest_step_falls_back_with_a_warning(cfg, caplog, how):
     assert f"checkpoint step 9 in '{root}' is unreadable" in caplog.text
     # Kept, not deleted: moved aside so the resumed run can write step 9 again.
     (moved,) = (Path(cfg.run_dir) / checkpoint.DAMAGED_DIR).iterdir()
-    assert moved.name.startswith("9-") and (moved / "state").exists() or how == "delete-meta"
+    assert moved.name.startswith("9-") and (moved / "state").is_dir()
     assert mngr.all_steps() == [7]
     assert checkpoint.save(mngr, newer, config=cfg, data_step=9)
 
