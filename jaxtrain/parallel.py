@@ -249,11 +249,12 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
     devices.
     """
     b, a, n = cfg.train.batch_size, cfg.train.grad_accum, mesh.size
-    if b % (n * a):
+    k = n * a
+    if b % k:
+        near = " or ".join(str(x) for x in ((b // k) * k, (b // k + 1) * k) if x > 0)
         raise ConfigError(
-            f"train.batch_size={b} must be divisible by devices x grad_accum = {n} x {a} = {n * a} "
-            f"(mesh data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]}); "
-            f"try train.batch_size={max(n * a, (b // (n * a)) * n * a)}")
+            f"train.batch_size={b} must be divisible by devices x grad_accum = {n} x {a} = {k} "
+            f"(mesh data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]}); e.g. train.batch_size={near}")
     if b % jax.process_count():
         raise ConfigError(f"train.batch_size={b} must be divisible by the {jax.process_count()} processes")
 
