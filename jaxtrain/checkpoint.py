@@ -33,6 +33,7 @@ Resume rule (``checkpoint.resume``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -76,6 +77,29 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).expanduser().absolute() / CHECKPOINT_DIR
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, with a failed background write reported as one :class:`CheckpointError` line.
+
+    An asynchronous save that fails (a full disk, a lost mount) surfaces at the
+    next ``save``, ``wait_until_finished`` or ``close``.
+    """
+
+    def wait_until_finished(self):
+        with _write_errors(self):
+            super().wait_until_finished()
+
+
+@contextlib.contextmanager
+def _write_errors(mngr: ocp.CheckpointManager):
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the writer hit, say it in one line
+        raise CheckpointError(f"writing a checkpoint under '{mngr.directory}' failed ({_brief(e)}); "
+                              "training stopped; the unfinished step is ignored when the run resumes") from e
+
+
 def manager(run_dir: str | Path, cfg: CheckpointConfig, *, create: bool = True) -> ocp.CheckpointManager:
     """An Orbax ``CheckpointManager`` rooted at ``run_dir/checkpoints``.
 
@@ -94,7 +118,7 @@ def manager(run_dir: str | Path, cfg: CheckpointConfig, *, create: bool = True) 
     )
     # Handlers named up front, so a fresh process can read a step's metadata before any restore.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), item_handlers=handlers, options=options)
+    return _Manager(checkpoint_dir(run_dir), item_handlers=handlers, options=options)
 
 
 def leaves(state: TrainState) -> dict[str, PyTree]:
@@ -140,7 +164,8 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, *, config: Config, data
         return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(leaves(state)),
                               meta=ocp.args.JsonSave(metadata(config, data_step)))
-    return bool(mngr.save(step, args=args, force=force))
+    with _write_errors(mngr):
+        return bool(mngr.save(step, args=args, force=force))
 
 
 # ---------------------------------------------------------------- restore
@@ -341,6 +366,14 @@ def _one_line(e: Optional[BaseException]) -> str:
         return "-"
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+
+
+def _brief(e: BaseException, keep: int = 160) -> str:
+    """An exception on one line, its middle elided: storage errors put the cause last."""
+    msg = " ".join(str(e).split())
+    if len(msg) > 2 * keep:
+        msg = f"{msg[:keep]} ... {msg[-keep:]}"
+    return f"{type(e).__name__}: {msg}"
 
 
 def _warn_damaged(step: int, mngr: ocp.CheckpointManager, e: BaseException) -> None:

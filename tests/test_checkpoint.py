@@ -340,3 +340,27 @@ def test_second_ctrl_c_exits_at_once():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == signals.INTERRUPTED_EXIT_CODE, proc.stderr
     assert "second interrupt: exiting now" in proc.stderr
+
+
+def test_a_failed_background_write_is_one_clear_error(tmp_path):
+    """A write that fails (here: a 4 KB file-size limit standing in for a full disk) names the cause."""
+    code = ("import resource, signal\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process\n"
+            "from jaxtrain import checkpoint\n"
+            "from tests.test_checkpoint import tiny_config\n"
+            f"cfg = tiny_config({str(tmp_path / 'run')!r}, 'checkpoint.async_save=true')\n"
+            "mngr = checkpoint.manager(cfg.run_dir, cfg.checkpoint)\n"
+            "state = checkpoint.build_state(cfg)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+            "try:\n"
+            "    checkpoint.save(mngr, state, config=cfg, data_step=0)\n"
+            "    mngr.close()\n"
+            "except checkpoint.CheckpointError as e:\n"
+            "    print('CheckpointError:', e)\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent, env=env)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("CheckpointError:")), None)
+    assert line is not None, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"writing a checkpoint under '{tmp_path / 'run' / 'checkpoints'}' failed" in line
+    assert "File too large" in line and "ignored when the run resumes" in line
