@@ -64,8 +64,10 @@ ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 # Launchers whose environment JAX's own cluster detection understands, with the
-# variable that holds the number of tasks: more than one task -> multi-process.
-_LAUNCHER_WORLD_SIZE = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+# variable that holds the number of tasks started together: more than one ->
+# multi-process. For SLURM this is the srun step's count, not SLURM_NTASKS, which
+# an sbatch script also sees when it runs a single python without srun.
+_LAUNCHER_WORLD_SIZE = ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE")
 
 
 # ---------------------------------------------------------------- processes
@@ -91,8 +93,9 @@ def distributed_args(pcfg: ParallelConfig) -> Optional[dict]:
 
     Config fields win over ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
     ``JAX_PROCESS_ID``; a field left ``None`` is filled by JAX's cluster
-    auto-detection (e.g. SLURM's ``SLURM_NTASKS`` / ``SLURM_PROCID``). Returns
-    None for a single-process run (nothing set, no multi-task launcher).
+    auto-detection (e.g. SLURM's ``SLURM_NTASKS`` / ``SLURM_PROCID`` under
+    ``srun``). Returns None for a single-process run (nothing set, no launcher
+    that started several tasks).
     """
     args = dict(
         coordinator_address=pcfg.coordinator_address or os.environ.get(ENV_COORDINATOR) or None,

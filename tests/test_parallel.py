@@ -236,7 +236,7 @@ def clean_env(monkeypatch):
 
 def test_single_process_needs_no_distributed_init(clean_env):
     assert par.distributed_args(ParallelConfig()) is None
-    clean_env.setenv("SLURM_NTASKS", "1")  # a one-task SLURM job is still one process
+    clean_env.setenv("SLURM_STEP_NUM_TASKS", "1")  # a one-task srun step is still one process
     assert par.distributed_args(ParallelConfig()) is None
     par.initialize(ParallelConfig())  # no-op, twice
     par.initialize(ParallelConfig())
@@ -254,7 +254,7 @@ def test_distributed_args_config_wins_over_env(clean_env):
 
 
 def test_distributed_args_leave_unknowns_to_jax_under_slurm(clean_env):
-    clean_env.setenv("SLURM_NTASKS", "16")
+    clean_env.setenv("SLURM_STEP_NUM_TASKS", "16")
     assert par.distributed_args(ParallelConfig()) == dict(coordinator_address=None, num_processes=None,
                                                           process_id=None)
 
