@@ -1,7 +1,7 @@
 """A GPT in Flax NNX with nanoGPT's architecture and parameter names.
 
-Pre-LayerNorm blocks, causal multi-head attention through
-``jax.nn.dot_product_attention``, a 4x GELU MLP, learned positions, optional
+Pre-LayerNorm blocks, causal multi-head attention (written out head-major, or a
+fused ``jax.nn.dot_product_attention`` kernel such as cuDNN), a 4x GELU MLP, learned positions, optional
 biases, optional weight tying and dropout. Attribute names follow nanoGPT's
 ``model.py`` (``wte``, ``wpe``, ``h[i].attn.c_attn``, ``ln_f``, ``lm_head``) so a
 PyTorch checkpoint maps onto it key by key (see :mod:`jaxtrain.models.interop`).
@@ -53,29 +53,49 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x_BTC: jax.Array, *, rngs: nnx.Rngs | None, deterministic: bool) -> jax.Array:
         B, T, C = x_BTC.shape
-        qkv = self.c_attn(x_BTC).reshape(B, T, 3, self.n_head, C // self.n_head)
-        q_BTNH, k_BTNH, v_BTNH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        qkv_BT3NH = _dense_2d(self.c_attn, x_BTC).reshape(B, T, 3, self.n_head, C // self.n_head)
         if self.sow_stats:
-            for name, value in attention_logit_stats(q_BTNH, k_BTNH).items():
+            for name, value in attention_logit_stats(qkv_BT3NH[:, :, 0], qkv_BT3NH[:, :, 1]).items():
                 self.sow(nnx.Intermediate, name, value)
-        if self.dropout and not deterministic:
-            y_BTNH = _attention_with_dropout(q_BTNH, k_BTNH, v_BTNH, self.dropout, rngs)
-        else:
-            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True,
+        if self.implementation is None:
+            rate = 0.0 if deterministic else self.dropout
+            y_BTNH = _causal_attention(qkv_BT3NH, rate, rngs)
+        else:  # a fused kernel (cudnn); it has no dropout
+            y_BTNH = jax.nn.dot_product_attention(*jnp.unstack(qkv_BT3NH, axis=2), is_causal=True,
                                                   implementation=self.implementation)
-        y_BTC = self.c_proj(y_BTNH.reshape(B, T, C))
+        y_BTC = _dense_2d(self.c_proj, y_BTNH.reshape(B, T, C))
         return self.resid_dropout(y_BTC, deterministic=deterministic, rngs=rngs)
 
 
-def _attention_with_dropout(q, k, v, rate: float, rngs: nnx.Rngs) -> jax.Array:
-    """Causal attention with dropout on the probabilities (the fused kernel has none)."""
-    T, H = q.shape[1], q.shape[-1]
-    logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / math.sqrt(H)
-    mask = jnp.tril(jnp.ones((T, T), dtype=bool))
-    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
-    return jnp.einsum("bnqk,bknh->bqnh", probs, v)
+def _dense_2d(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+    """``layer(x)`` computed as one 2-D matmul over ``x.reshape(-1, d_in)``.
+
+    With a ``[B, T, C]`` input the weight gradient contracts over two axes (B
+    and T) and XLA:CPU first copies the activations into a transposed layout;
+    on ``[B * T, C]`` (a free reshape) every forward and backward dot is a
+    plain matmul that reads its operands in place.
+    """
+    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def _causal_attention(qkv_BT3NH: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+    """Causal softmax attention on fused ``[B, T, 3, N, H]`` q/k/v -> ``[B, T, N, H]``.
+
+    Heads move in front of time once (``[3, B, N, T, H]``), so all attention
+    matmuls, forward and backward, are batched over leading ``(B, N)`` axes;
+    on ``[B, T, N, H]`` operands XLA:CPU wraps each of them in transposing
+    copies. ``rate > 0`` applies dropout to the probabilities (``rngs`` must
+    then hold a ``dropout`` stream).
+    """
+    q_BNTH, k_BNTH, v_BNTH = qkv_BT3NH.transpose(2, 0, 3, 1, 4)
+    T, H = q_BNTH.shape[2], q_BNTH.shape[3]
+    logits_BNTS = jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNTH).astype(jnp.float32) / math.sqrt(H)
+    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
+    probs_BNTS = jax.nn.softmax(jnp.where(causal_TS, logits_BNTS, -jnp.inf), axis=-1)
+    if rate > 0.0:
+        keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, probs_BNTS.shape)
+        probs_BNTS = jnp.where(keep, probs_BNTS / (1.0 - rate), 0.0)
+    return jnp.einsum("bnts,bnsh->btnh", probs_BNTS.astype(v_BNTH.dtype), v_BNTH)
 
 
 class MLP(nnx.Module):
@@ -85,8 +105,8 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(self, x_BTC, *, rngs, deterministic):
-        h_BTF = jax.nn.gelu(self.c_fc(x_BTC), approximate=False)  # exact GELU, as torch.nn.GELU()
-        return self.dropout(self.c_proj(h_BTF), deterministic=deterministic, rngs=rngs)
+        h_BTF = jax.nn.gelu(_dense_2d(self.c_fc, x_BTC), approximate=False)  # exact GELU, as torch.nn.GELU()
+        return self.dropout(_dense_2d(self.c_proj, h_BTF), deterministic=deterministic, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -143,9 +163,10 @@ class GPT(nnx.Module):
                 x_BTC = block(x_BTC, rngs=rngs, deterministic=deterministic)
         x_BTC = self.ln_f(x_BTC).astype(dtype)
         if self.lm_head is None:
-            logits_BTV = x_BTC @ self.wte.embedding[...].astype(dtype).T
+            x_MC = x_BTC.reshape(-1, cfg.n_embd)  # 2-D for the same reason as _dense_2d
+            logits_BTV = (x_MC @ self.wte.embedding[...].astype(dtype).T).reshape(*x_BTC.shape[:-1], -1)
         else:
-            logits_BTV = self.lm_head(x_BTC)
+            logits_BTV = _dense_2d(self.lm_head, x_BTC)
         return logits_BTV.astype(jnp.float32)
 
     def num_params(self, non_embedding: bool = True) -> int:
