@@ -206,9 +206,13 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
 
 
 def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss,
-              axis_name: Optional[str] = None) -> dict[str, jax.Array]:
-    """Loss of ``batch`` with the model in deterministic mode (no dropout), no update."""
-    model = state.model(_cast_floats(state.params, None))
+              axis_name: Optional[str] = None, compute_dtype=None) -> dict[str, jax.Array]:
+    """Loss of ``batch`` with the model in deterministic mode (no dropout), no update.
+
+    Pass the same ``compute_dtype`` as to :func:`train_step` to evaluate the
+    model the way it is trained.
+    """
+    model = state.model(_cast_floats(state.params, compute_dtype))
     loss, aux = loss_fn(model, batch, None)
     metrics = dict(aux, loss=loss.astype(jnp.float32))
     return jax.lax.pmean(metrics, axis_name) if axis_name is not None else metrics
