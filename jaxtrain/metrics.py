@@ -167,9 +167,7 @@ class MetricsLog:
         for row in kept:
             self._file.write(json.dumps(row) + "\n")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step or None)
+            self._tb = _summary_writer_class()(str(run_dir / TB_DIR), purge_step=start_step or None)
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                              smoothing=0.1)
@@ -203,6 +201,26 @@ class MetricsLog:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _summary_writer_class():
+    """``tensorboardX.SummaryWriter``, imported without PyTorch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch
+    tensors, which adds seconds to start-up; hiding it for the import makes the
+    writer take NumPy values only, which is all this module passes.
+    """
+    import sys
+
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes ``import torch`` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _tb_tag(key: str) -> str:

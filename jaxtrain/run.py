@@ -70,6 +70,9 @@ def prepare_backend(cfg: Config) -> None:
 
     Runs before :func:`jaxtrain.parallel.initialize`; nothing here may create arrays.
     """
+    from jaxtrain import perf
+
+    perf.configure()  # persistent compilation cache (JAXTRAIN_COMPILATION_CACHE=off disables it)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
