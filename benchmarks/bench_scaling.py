@@ -7,7 +7,8 @@ is created into its shardings, the step is jitted with
 :func:`jaxtrain.parallel.jit_train_step` and compiled outside the timed region,
 then ``--steps`` back-to-back steps on a few batches already on the devices are
 timed with one sync at the end; the worker repeats this ``--repeats`` times and
-reports the median. ``--rounds 2`` runs the device counts forward then backward
+reports the median, with the CPU cores the process kept busy (CPU time / wall
+time). ``--rounds 2`` runs the device counts forward then backward
 (1 2 4 8 8 4 2 1) and takes the median per count, so a machine that drifts during
 the benchmark affects all counts alike.
 
@@ -65,17 +66,19 @@ def worker(args: argparse.Namespace) -> dict:
     state, m = step(state, batches[0])  # compile + first step
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
-    rates = []
+    rates, busy = [], []
     for _ in range(args.repeats):
         jax.block_until_ready(state)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         for i in range(args.steps):
             state, m = step(state, batches[i % len(batches)])
         jax.block_until_ready((state, m))
-        rates.append(args.steps * cfg.train.batch_size * T / (time.perf_counter() - t))
+        wall = time.perf_counter() - t
+        rates.append(args.steps * cfg.train.batch_size * T / wall)
+        busy.append((time.process_time() - cpu) / wall)  # CPU cores this process kept busy
     return dict(devices=n, mesh=dict(mesh.shape), platform=devices[0].platform, tokens_per_s=statistics.median(rates),
-                rates=rates, compile_s=compile_s, batch=cfg.train.batch_size, block=T,
-                per_device_batch=cfg.train.batch_size // n)
+                rates=rates, cores_busy=statistics.median(busy), compile_s=compile_s, batch=cfg.train.batch_size,
+                block=T, per_device_batch=cfg.train.batch_size // n)
 
 
 def measure(n: int, args: argparse.Namespace) -> dict:
@@ -93,14 +96,15 @@ def measure(n: int, args: argparse.Namespace) -> dict:
 
 def table(results: dict[int, list[dict]]) -> str:
     base = statistics.median(r["tokens_per_s"] for r in results[min(results)])
-    lines = ["| devices | mesh (data x fsdp) | per-device batch | tokens/s | vs 1 device |",
-             "| ---: | :---: | ---: | ---: | ---: |"]
+    lines = ["| devices | mesh (data x fsdp) | per-device batch | tokens/s | vs 1 device | CPU cores busy |",
+             "| ---: | :---: | ---: | ---: | ---: | ---: |"]
     for n in sorted(results):
         rs = results[n]
         tps = statistics.median(r["tokens_per_s"] for r in rs)
         mesh = rs[0]["mesh"]
+        busy = statistics.median(r["cores_busy"] for r in rs)
         lines.append(f"| {n} | {mesh['data']} x {mesh['fsdp']} | {rs[0]['per_device_batch']} | "
-                     f"{tps:,.0f} | {tps / base:.2f}x |")
+                     f"{tps:,.0f} | {tps / base:.2f}x | {busy:.1f} |")
     return "\n".join(lines)
 
 
@@ -127,7 +131,8 @@ def main() -> None:
             res = measure(n, args)
             results.setdefault(n, []).append(res)
             print(f"round {r + 1}: {n} {res['platform']} device(s): {res['tokens_per_s']:,.0f} tokens/s "
-                  f"(windows {', '.join(f'{x:,.0f}' for x in res['rates'])}; compile {res['compile_s']:.1f}s)",
+                  f"(windows {', '.join(f'{x:,.0f}' for x in res['rates'])}; {res['cores_busy']:.1f} cores busy; "
+                  f"compile {res['compile_s']:.1f}s)",
                   flush=True)
     print(f"\nglobal batch {args.batch} x block {results[args.devices[0]][0]['block']}, layout {args.layout}, "
           f"{args.config}")
