@@ -25,9 +25,12 @@ from jaxtrain.data import encode, get_batch
 from jaxtrain.models import GPT, GPTConfig
 
 STEPS, BATCH, BLOCK = 20, 16, 16
-# float32, 20 AdamW steps at lr 1e-2: measured worst differences are ~1e-6 on
-# losses and ~1e-5 on params (summation order differs across layouts).
+# float32, 20 AdamW steps: the summation order differs across layouts. Measured
+# worst absolute differences from the reference: losses 1e-6, gradient norms
+# 4e-5 (with accumulation; 8e-6 without), params 4e-5. A gradient scaled by the
+# device count would be off by 7x in the norm.
 LOSS_TOL = dict(rtol=1e-5, atol=1e-5)
+NORM_TOL = dict(rtol=1e-4, atol=1e-5)
 PARAM_TOL = dict(rtol=1e-4, atol=1e-4)
 
 MODEL = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK)
@@ -83,7 +86,7 @@ def reference():
 def assert_matches_reference(losses, norms, params):
     ref_losses, ref_norms, ref_params = reference()
     np.testing.assert_allclose(losses, ref_losses, **LOSS_TOL)
-    np.testing.assert_allclose(norms, ref_norms, **LOSS_TOL)
+    np.testing.assert_allclose(norms, ref_norms, **NORM_TOL)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **PARAM_TOL), params, ref_params)
     assert ref_losses[-1] < ref_losses[0] - 0.5  # it actually trained
 
