@@ -44,8 +44,9 @@ def _free_port() -> int:
 
 
 def _env(cache_dir: Path) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    # A compilation cache of the test's own (jaxtrain.perf reads this variable):
+    # hermetic, yet shared by the launches.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXTRAIN_COMPILATION_CACHE=str(cache_dir))
     env.pop("XLA_FLAGS", None)  # devices per process come from parallel.local_device_count
     return env
 
