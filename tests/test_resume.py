@@ -39,8 +39,7 @@ SEED = int(os.environ.get("JAXTRAIN_TEST_SEED", random.randrange(10**6)))  # pri
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax-cache")
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                JAXTRAIN_COMPILATION_CACHE=str(cache))
 
 
 def _cmd(run_dir: Path, *extra: str) -> list[str]:
@@ -75,12 +74,12 @@ def logged_steps(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def saving(run_dir: Path) -> bool:
-    """A checkpoint is being written: Orbax's uncommitted tmp directory exists."""
+def tmp_dirs(run_dir: Path) -> set[str]:
+    """Orbax's uncommitted ``<step>.orbax-checkpoint-tmp*`` directories (a save in progress or killed)."""
     try:
-        return any("orbax-checkpoint-tmp" in p.name for p in (run_dir / "checkpoints").iterdir())
+        return {p.name for p in (run_dir / "checkpoints").iterdir() if "orbax-checkpoint-tmp" in p.name}
     except FileNotFoundError:
-        return False
+        return set()
 
 
 def rows(run_dir: Path) -> dict[int, dict]:
@@ -120,10 +119,12 @@ def test_killed_and_restarted_run_is_bit_identical(env, reference, tmp_path):
     ctx = f"(JAXTRAIN_TEST_SEED={SEED}; history {history})"
     rc, sent, _ = interrupted(lambda: logged_steps(run_dir) >= kill_at, signal.SIGKILL, f"kill at {kill_at}")
     assert sent and rc == -signal.SIGKILL, ctx
-    # Kill while a checkpoint is being written: its tmp directory is left behind, and ignored.
-    rc, sent, _ = interrupted(lambda: saving(run_dir), signal.SIGKILL, "kill during a save")
+    # Kill while a checkpoint is being written (a tmp directory this run started): it is left
+    # behind, and ignored.
+    stale = tmp_dirs(run_dir)
+    rc, sent, _ = interrupted(lambda: tmp_dirs(run_dir) - stale, signal.SIGKILL, "kill during a save")
     assert sent and rc == -signal.SIGKILL, f"the run was not killed during a save {ctx}"
-    assert saving(run_dir), f"no half-written checkpoint left behind {ctx}"
+    assert tmp_dirs(run_dir) - stale, f"no half-written checkpoint left behind {ctx}"
     # SIGTERM: the step in flight finishes, a checkpoint at that step is written, exit code 75.
     rc, sent, out = interrupted(lambda: logged_steps(run_dir) >= term_at, signal.SIGTERM, f"SIGTERM at {term_at}")
     assert sent and rc == PREEMPTED_EXIT_CODE, f"SIGTERM exit code {rc} {ctx}\n{out[-2000:]}"
