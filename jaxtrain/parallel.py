@@ -42,6 +42,8 @@ devices the run hangs after the first step.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Any, Callable, Optional
 
 import jax
@@ -123,7 +125,8 @@ def initialize(pcfg: ParallelConfig) -> None:
       On CPU, cross-process collectives go through gloo.
 
     A single process without ``local_device_count`` is a no-op. Calling it again
-    is a no-op (idempotent).
+    is a no-op (idempotent). After ``jax.distributed.initialize``, SIGTERM gets its
+    default action back (see :func:`_default_sigterm`).
     Raises:
       ConfigError: bad process numbers, or JAX already running computations
         when a setting that must precede them is requested.
@@ -145,6 +148,21 @@ def initialize(pcfg: ParallelConfig) -> None:
                           f"{str(e).splitlines()[0]}; set parallel.coordinator_address, parallel.num_processes "
                           f"and parallel.process_id (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, "
                           f"{ENV_PROCESS_ID})") from None
+    _default_sigterm()
+
+
+def _default_sigterm() -> None:
+    """Give SIGTERM back its default action (end the process).
+
+    ``jax.distributed.initialize`` installs a C-level SIGTERM handler (its
+    preemption notifier) that only records the signal, so a multi-process run
+    told to stop while it compiles would keep running until SIGKILL. jaxtrain
+    handles SIGTERM itself inside the training loop (:class:`jaxtrain.signals.StopSignals`:
+    finish the step, agree on it across processes, checkpoint, exit); before the
+    loop it now ends the process, as in a single-process run.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _set_cpu_device_count(n: int) -> None:

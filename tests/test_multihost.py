@@ -160,3 +160,20 @@ def test_only_process_zero_writes(runs):
     for launch in ("a1", "b2"):
         out1 = runs[launch].output(1)
         assert "done:" in runs[launch].output(0) and "done:" not in out1, "process 1 printed a summary"
+
+
+def test_sigterm_before_the_loop_ends_a_distributed_process(tmp_path):
+    """jax.distributed's preemption notifier would swallow SIGTERM; initialize gives it back."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from jaxtrain import parallel\n"
+        "from jaxtrain.config import ParallelConfig\n"
+        f"parallel.initialize(ParallelConfig(coordinator_address='127.0.0.1:{_free_port()}', "
+        "num_processes=1, process_id=0))\n"
+        "assert parallel.jax.distributed.is_initialized()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+        "sys.exit(3)  # still alive: the signal was swallowed\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(tmp_path), timeout=120,
+                       capture_output=True, text=True)
+    assert p.returncode == -signal.SIGTERM, p.stderr[-2000:]
