@@ -215,6 +215,14 @@ def _due(done: int, every: int, total: int) -> bool:
     return done == total or (every > 0 and done % every == 0)
 
 
+def _events_due(cfg: Config, done: int) -> dict[str, bool]:
+    """Which of log / eval / sample / checkpoint happen after step ``done``; any of them syncs the host."""
+    tc = cfg.train
+    return {name: _due(done, every, tc.steps) for name, every in (
+        ("log", tc.log_every), ("eval", tc.eval_every), ("sample", tc.sample_every),
+        ("checkpoint", cfg.checkpoint.every))}
+
+
 def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str], t0: float) -> Summary:
     cfg, tc = run.cfg, run.cfg.train
     pending: list[dict] = []  # per-step metrics, still on the device
@@ -234,9 +242,7 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
             pending.append(step_metrics)
             done = step + 1
             # -- after-step: nothing above or here may wait for the device.
-            events = {name: _due(done, every, tc.steps) for name, every in (
-                ("log", tc.log_every), ("eval", tc.eval_every), ("sample", tc.sample_every),
-                ("checkpoint", cfg.checkpoint.every))}
+            events = _events_due(cfg, done)
             preempt = signals.stop_agreed(stop, at_sync_point=any(events.values())) and done < tc.steps
             if preempt:  # save and leave quickly: no eval or sample
                 events.update(eval=False, sample=False, checkpoint=True)
