@@ -156,7 +156,7 @@ def describe() -> str:
             if f.default_factory is not dataclasses.MISSING:
                 continue
             comment = next((l.split("#", 1)[1].strip() for l in src if l.strip().startswith(f"{f.name}:") and "#" in l), "")
-            lines.append(f"  {prefix}{f.name:<24} = {f.default!r:<22} {comment}")
+            lines.append(f"  {prefix + f.name:<30} = {f.default!r:<20} {comment}")
     return "\n".join(lines)
 
 

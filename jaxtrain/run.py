@@ -38,7 +38,7 @@ usage: python -m jaxtrain.run [--config FILE.yaml] [key.sub=value ...]
 Train a GPT. Without --config, {default} is used (built-in defaults if it is absent).
 Overrides are dotted keys applied after the file, e.g. train.steps=100 optim.lr=1e-3.
 
-Config keys (name = default  meaning):
+Config keys (name = built-in default  meaning; the config file, then the overrides, replace them):
 """
 
 
