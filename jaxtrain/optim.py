@@ -7,6 +7,7 @@ the learning rate in force is read by name (``current_lr``), never by position.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -76,15 +77,29 @@ def make_optimizer(cfg: OptimConfig, total_steps: Optional[int] = None, *,
       total_steps: length of the schedule when ``cfg.decay_steps`` is unset.
       mask: weight-decay mask (pytree of bools or a function of params);
         defaults to :func:`decay_mask` with ``cfg.decay_embeddings``.
+
+    With the default mask, equal ``(cfg, total_steps)`` return the same
+    transform object: ``tx`` is static metadata of :class:`TrainState`, so two
+    states built from one config then share a pytree structure (and one
+    compiled step) instead of differing by the identity of their functions.
     Example::
 
         tx = make_optimizer(OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0))
     """
     if total_steps is None and cfg.decay_steps is None and cfg.schedule != "constant":
         raise ValueError("make_optimizer: pass total_steps or set optim.decay_steps for a decaying schedule")
-    schedule = make_schedule(cfg, total_steps or cfg.decay_steps or 1)
     if mask is None:
-        mask = lambda p: decay_mask(p, decay_embeddings=cfg.decay_embeddings)  # noqa: E731
+        return _default_optimizer(cfg, total_steps)
+    return _build(cfg, total_steps, mask)
+
+
+@functools.lru_cache(maxsize=64)
+def _default_optimizer(cfg: OptimConfig, total_steps: Optional[int]) -> optax.GradientTransformation:
+    return _build(cfg, total_steps, lambda p: decay_mask(p, decay_embeddings=cfg.decay_embeddings))
+
+
+def _build(cfg: OptimConfig, total_steps: Optional[int], mask) -> optax.GradientTransformation:
+    schedule = make_schedule(cfg, total_steps or cfg.decay_steps or 1)
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
         learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
     clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity()
