@@ -71,15 +71,15 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2000  # optimizer steps to train
+    steps: int = 700  # optimizer steps to train
     batch_size: int = 16  # global batch (sequences per step, all devices and hosts)
     grad_accum: int = 1  # microbatches per step (lax.scan); batch_size must divide by it
     seed: int = 0  # root seed for params, data order and dropout
-    eval_every: int = 250  # steps between validation passes; 0 = only at the end
+    eval_every: int = 100  # steps between validation passes; 0 = only at the end
     eval_batches: int = 8  # batches in one validation pass (a fixed set)
     log_every: int = 10  # steps between metric fetches (the only host syncs)
     sample_every: int = 0  # steps between text samples; 0 = only at the end
-    sample_tokens: int = 200  # tokens generated per sample
+    sample_tokens: int = 300  # tokens generated per sample
     sample_prompt: str = "def "  # prompt for samples
     sample_temperature: float = 0.8  # softmax temperature of samples; 0 = greedy
     sample_top_k: int = 40  # samples draw from the k most likely tokens; 0 = all
@@ -89,8 +89,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 500  # steps between checkpoints (always one at the end)
-    keep: int = 3  # most recent checkpoints kept
+    every: int = 200  # steps between checkpoints (always one at the end)
+    keep: int = 2  # most recent checkpoints kept
     keep_every: Optional[int] = None  # also keep every step divisible by this
     async_save: bool = True  # save in the background while training continues
     resume: bool = True  # continue from the latest good checkpoint in run_dir

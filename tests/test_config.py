@@ -106,3 +106,14 @@ def test_help_lists_every_key_with_its_default(capsys):
         line = next((l for l in out.splitlines() if l.split() and l.split()[0] == key), None)
         assert line is not None, key
     assert "peak FLOP/s" in out  # meanings are shown, not only names
+
+
+def test_builtin_defaults_are_the_default_config():
+    # The bare command falls back to the dataclass defaults when configs/ is not
+    # next to the package (e.g. a non-editable install): both must be one run.
+    from pathlib import Path
+
+    from jaxtrain import config
+
+    shipped = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+    assert config.load(None) == config.load(shipped)
