@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -163,9 +164,11 @@ class MetricsLog:
         run_dir = Path(run_dir)
         path = run_dir / METRICS_FILE
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step] if start_step else []
-        self._file = open(path, "w", buffering=1)  # line-buffered: a row is on disk once logged
-        for row in kept:
-            self._file.write(json.dumps(row) + "\n")
+        # Rewrite through a temporary file so a kill at this moment keeps the old history.
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, path)
+        self._file = open(path, "a", buffering=1)  # line-buffered: a row is on disk once logged
         if tensorboard:
             self._tb = _summary_writer_class()(str(run_dir / TB_DIR), purge_step=start_step or None)
         if progress:
