@@ -139,10 +139,26 @@ def _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name
         loss0 = jax.lax.pcast(jnp.zeros((), jnp.float32), axis_name, to="varying")
     else:
         loss0 = jnp.zeros((), jnp.float32)
+    model_state0 = state.model_state
+    if axis_name is not None:  # the body makes batch statistics per-device: the carry must start that way
+        model_state0 = jax.tree.map(lambda x: jax.lax.pcast(x, axis_name, to="varying"), model_state0)
     (grad_sum, loss_sum, model_state), auxs = jax.lax.scan(
-        body, (zeros, loss0, state.model_state), (micro, jnp.arange(grad_accum)))
+        body, (zeros, loss0, model_state0), (micro, jnp.arange(grad_accum)))
     grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
     return loss_sum / grad_accum, jax.tree.map(lambda a: a.mean(0), auxs), model_state, grads
+
+
+def _sync_model_state(model_state: PyTree, axis_name: str) -> PyTree:
+    """Make non-trainable variables agree across ``axis_name``, so replicas stay replicas.
+
+    Float ones (BatchNorm running statistics) are averaged, as a cross-replica
+    batch-statistics sync does; integer ones (counters) take the maximum.
+    """
+    def sync(x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jax.lax.pmean(x, axis_name)
+        return jax.lax.pmax(x, axis_name) if jnp.issubdtype(x.dtype, jnp.integer) else x
+    return jax.tree.map(sync, model_state)
 
 
 def _is_finite(*xs) -> jax.Array:
@@ -162,8 +178,9 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
       loss_fn: ``loss_fn(model, batch, rng) -> (scalar loss, aux dict)``.
       grad_accum: split the batch into this many microbatches and average their
         gradients in a ``lax.scan`` (same gradient as the full batch, less memory).
-      axis_name: a mapped axis (``jax.pmap`` / ``jax.shard_map``) over which loss
-        and gradients are averaged; None under plain ``jax.jit`` with shardings.
+      axis_name: a mapped axis (``jax.pmap`` / ``jax.shard_map``) over which loss,
+        gradients and float ``model_state`` (batch statistics) are averaged;
+        None under plain ``jax.jit`` with shardings.
       compute_dtype: cast floating params to this dtype for the forward and
         backward (gradients and the update stay in the params' float32).
       skip_nonfinite: when the loss or gradient norm is NaN/Inf, keep params,
@@ -186,6 +203,7 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
     loss, aux, model_state, grads = _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name)
     if axis_name is not None:
         loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
+        model_state = _sync_model_state(model_state, axis_name)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
