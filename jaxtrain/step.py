@@ -96,7 +96,7 @@ def _loss_and_grads(state: TrainState, batch: Batch, rng: jax.Array, loss_fn: Lo
 
     def f(params):
         model = nnx.merge(state.graphdef, _cast_floats(params, compute_dtype), state.model_state)
-        loss, aux = loss_fn(model, batch, rng)
+        loss, aux = loss_fn(model, _cast_floats(batch, compute_dtype), rng)
         new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return loss.astype(jnp.float32), (aux, new_model_state)
 
@@ -181,8 +181,10 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
       axis_name: a mapped axis (``jax.pmap`` / ``jax.shard_map``) over which loss,
         gradients and float ``model_state`` (batch statistics) are averaged;
         None under plain ``jax.jit`` with shardings.
-      compute_dtype: cast floating params to this dtype for the forward and
-        backward (gradients and the update stay in the params' float32).
+      compute_dtype: cast floating params and floating batch leaves to this
+        dtype for the forward and backward (a float32 input would otherwise
+        promote every layer back to float32); gradients and the update stay in
+        the params' float32. Integer leaves (token ids, labels) are untouched.
       skip_nonfinite: when the loss or gradient norm is NaN/Inf, keep params,
         optimizer and model state unchanged (the step counter still advances)
         and report ``nonfinite=1``.
@@ -231,6 +233,6 @@ def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss,
     model the way it is trained.
     """
     model = state.model(_cast_floats(state.params, compute_dtype))
-    loss, aux = loss_fn(model, batch, None)
+    loss, aux = loss_fn(model, _cast_floats(batch, compute_dtype), None)
     metrics = dict(aux, loss=loss.astype(jnp.float32))
     return jax.lax.pmean(metrics, axis_name) if axis_name is not None else metrics

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
-from jaxtrain import TrainState, make_optimizer, train_step
+from jaxtrain import TrainState, eval_step, make_optimizer, train_step
 from jaxtrain.config import OptimConfig
 
 
@@ -58,3 +58,43 @@ def test_batchnorm_model_under_shard_map_and_pmap_keeps_replicated_statistics(gr
     # The running mean averages equal-sized per-device (micro)batch means: the one-device mean.
     ref, _ = jax.jit(functools.partial(train_step, loss_fn=_bn_loss, grad_accum=grad_accum))(_bn_state(), batch)
     np.testing.assert_allclose(s_state.model_state["bn"]["mean"], ref.model_state["bn"]["mean"], rtol=1e-5, atol=1e-7)
+
+
+class _MLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.l1 = nnx.Linear(16, 32, rngs=rngs)
+        self.l2 = nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(nnx.relu(self.l1(x)))
+
+
+def _mlp_loss(model, batch, rng):
+    logits = model(batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["y"]).mean(), {}
+
+
+def _dot_dtypes(fn, *args) -> set[str]:
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    out, todo = set(), [jaxpr.jaxpr]
+    while todo:
+        j = todo.pop()
+        for e in j.eqns:
+            if e.primitive.name == "dot_general":
+                out.add(str(e.outvars[0].aval.dtype))
+            todo += [v.jaxpr if hasattr(v, "jaxpr") else v for v in e.params.values()
+                     if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns")]
+    return out
+
+
+def test_compute_dtype_bfloat16_computes_in_bfloat16_for_a_float_input_model():
+    tx = make_optimizer(OptimConfig(schedule="constant", warmup_steps=0))
+    state = TrainState.create(_MLP(nnx.Rngs(0)), tx)
+    batch = {"x": jnp.ones((8, 16), jnp.float32), "y": jnp.zeros(8, jnp.int32)}
+    step = functools.partial(train_step, loss_fn=_mlp_loss, compute_dtype=jnp.bfloat16)
+    assert _dot_dtypes(step, state, batch) == {"bfloat16"}
+    assert _dot_dtypes(functools.partial(eval_step, loss_fn=_mlp_loss, compute_dtype=jnp.bfloat16),
+                       state, batch) == {"bfloat16"}
+    new, metrics = jax.jit(step)(state, batch)
+    assert jax.tree.leaves(jax.tree.map(lambda x: x.dtype, new.params)) == [jnp.float32] * 4
+    assert np.isfinite(float(metrics["loss"]))
