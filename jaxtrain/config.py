@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 
@@ -177,9 +177,39 @@ def _suggest(key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _error_from(e: Exception, origin: str) -> ConfigError:
+def _written_key(layer: Any, key: str) -> str:
+    """The full dotted key the user wrote under ``key`` (``modle`` -> ``modle.n_layer``), for a better hint."""
+    node = layer
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return key
+        node = node[part]
+    while isinstance(node, DictConfig) and len(node) == 1:
+        child = next(iter(node))
+        key, node = f"{key}.{child}", node[child]
+    return key
+
+
+def _check_sections(layer: Any, origin: str) -> None:
+    """A config layer is a mapping whose section keys (``model``, ``train``, ...) hold mappings."""
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{origin} must be a mapping of config sections ({', '.join(n for n, _ in _section_names())}),"
+                          f" found a {type(layer).__name__.replace('Config', '').lower()}")
+    for name, sub in _section_names():
+        if name in layer and not isinstance(layer.get(name), DictConfig):
+            raise ConfigError(f"'{name}' in {origin} must be a mapping of {name}.* keys (e.g. {sub}), "
+                              f"found {OmegaConf.to_container(layer)[name]!r}")
+
+
+def _section_names() -> list[tuple[str, str]]:
+    """``[(section, one of its keys)]``, e.g. ``("model", "model.vocab_size")``."""
+    return [(prefix[:-1], prefix + dataclasses.fields(cls)[0].name) for cls, prefix in _sections() if prefix]
+
+
+def _error_from(e: Exception, origin: str, layer: Any = None) -> ConfigError:
     key = getattr(e, "full_key", None) or "?"
     if isinstance(e, (oc_errors.ConfigAttributeError, oc_errors.ConfigKeyError)):
+        key = _written_key(layer, key)
         return ConfigError(f"unknown config key '{key}' in {origin}{_suggest(key)}")
     if isinstance(e, oc_errors.ValidationError):
         msg = str(e).splitlines()[0]
@@ -208,12 +238,14 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
     layers = []
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file '{p}' is a directory; pass a YAML file, e.g. --config configs/tiny.yaml")
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         try:
             layers.append((OmegaConf.load(p), f"'{p}'"))
-        except Exception as e:  # YAML syntax
-            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # YAML syntax, or a scalar document
+            raise ConfigError(f"config file '{p}' is not valid YAML: {' '.join(str(e).split())[:300]}") from None
     if overrides:
         try:
             layers.append((OmegaConf.from_dotlist(_parse_overrides(overrides)), "command-line overrides"))
@@ -222,10 +254,11 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
         except Exception as e:
             raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
     for layer, origin in layers:
+        _check_sections(layer, origin)
         try:
             base = OmegaConf.merge(base, layer)
         except Exception as e:
-            raise _error_from(e, origin) from None
+            raise _error_from(e, origin, layer) from None
     try:
         cfg: Config = OmegaConf.to_object(base)
     except Exception as e:

@@ -98,3 +98,31 @@ def test_compute_dtype_bfloat16_computes_in_bfloat16_for_a_float_input_model():
     new, metrics = jax.jit(step)(state, batch)
     assert jax.tree.leaves(jax.tree.map(lambda x: x.dtype, new.params)) == [jnp.float32] * 4
     assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("yaml_text, overrides, expected", [
+    ("modle:\n  n_layer: 2\n", [], "unknown config key 'modle.n_layer' in '{path}'; did you mean 'model.n_layer'?"),
+    ("model:\n  - 1\n  - 2\n", [], "'model' in '{path}' must be a mapping of model.* keys"),
+    ("model: null\n", [], "'model' in '{path}' must be a mapping of model.* keys"),
+    ("- a\n- b\n", [], "'{path}' must be a mapping of config sections (model, data,"),
+    ("train:\n  steps: 5\n  steps: 6\n", [], "found duplicate key steps"),
+    ("", ["modle.n_layer=3"], "unknown config key 'modle.n_layer' in command-line overrides; did you mean 'model.n_layer'?"),
+    ("", ["train=3"], "'train' in command-line overrides must be a mapping of train.* keys"),
+])
+def test_config_mistakes_name_the_key_on_one_line(tmp_path, capsys, yaml_text, overrides, expected):
+    from jaxtrain import run
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    assert run.main(["--config", str(path), f"run_dir={tmp_path / 'run'}", *overrides]) == run.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert expected.format(path=path) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_directory_as_config_is_named_as_a_directory(tmp_path, capsys):
+    from jaxtrain import run
+
+    assert run.main(["--config", str(tmp_path)]) == run.EXIT_USER_ERROR
+    assert f"config file '{tmp_path}' is a directory" in capsys.readouterr().err
