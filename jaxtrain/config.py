@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
@@ -224,6 +225,47 @@ def _parse_overrides(overrides: Sequence[str]) -> list[str]:
     return list(overrides)
 
 
+def _overrides_layer(overrides: Sequence[str]) -> DictConfig:
+    """The ``key=value`` overrides as one config layer; values are read as YAML, later ones win.
+
+    Values of text fields (paths, globs, prompts) are taken as written, so
+    ``data.glob=*.md`` or ``train.sample_prompt=def f(x):`` need no YAML quoting
+    (YAML would read a leading ``*`` as an alias and ``a:`` as a mapping); an
+    empty value or ``null`` still means None. Other values that are not valid
+    YAML are kept as text too, for the type check to name.
+    """
+    layer = OmegaConf.create()
+    for o in _parse_overrides(overrides):
+        key, value = o.split("=", 1)
+        text = _is_text_field(key) and value not in ("", "null", "~")
+        try:
+            parsed = None if text else OmegaConf.from_dotlist([o])
+        except yaml.YAMLError:
+            parsed = None
+        if parsed is None:
+            if text and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]  # quoted for the shell's sake, as YAML would read it
+            parsed = OmegaConf.create()
+            OmegaConf.update(parsed, key, value)
+        layer = OmegaConf.merge(layer, parsed)
+    return layer
+
+
+def _is_text_field(key: str) -> bool:
+    """Whether ``key`` names a ``str`` (or optional ``str``) field: its value is taken as written."""
+    cls, parts = Config, key.split(".")
+    for i, part in enumerate(parts):
+        f = next((f for f in dataclasses.fields(cls) if f.name == part), None)
+        if f is None:
+            return False
+        if i == len(parts) - 1:
+            return f.type in ("str", "Optional[str]")
+        if f.default_factory is dataclasses.MISSING:
+            return False
+        cls = f.default_factory
+    return False
+
+
 def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
     """Build a validated :class:`Config` from an optional YAML file and overrides.
 
@@ -248,7 +290,7 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
             raise ConfigError(f"config file '{p}' is not valid YAML: {' '.join(str(e).split())[:300]}") from None
     if overrides:
         try:
-            layers.append((OmegaConf.from_dotlist(_parse_overrides(overrides)), "command-line overrides"))
+            layers.append((_overrides_layer(overrides), "command-line overrides"))
         except ConfigError:
             raise
         except Exception as e:

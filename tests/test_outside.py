@@ -126,3 +126,15 @@ def test_a_directory_as_config_is_named_as_a_directory(tmp_path, capsys):
 
     assert run.main(["--config", str(tmp_path)]) == run.EXIT_USER_ERROR
     assert f"config file '{tmp_path}' is a directory" in capsys.readouterr().err
+
+
+def test_text_overrides_need_no_yaml_quoting():
+    from jaxtrain import config
+
+    cfg = config.load("configs/tiny.yaml", ["data.glob=*.md", "train.sample_prompt=def f(x):",
+                                            "data.val_source=", "run_dir='runs/a b'", "train.steps=7"])
+    assert cfg.data.glob == "*.md"
+    assert cfg.train.sample_prompt == "def f(x):"
+    assert cfg.data.val_source is None and cfg.run_dir == "runs/a b" and cfg.train.steps == 7
+    with pytest.raises(config.ConfigError, match="bad value for 'train.steps'"):
+        config.load("configs/tiny.yaml", ["train.steps=*x"])
