@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -110,6 +111,16 @@ def state_factory(cfg: Config) -> Callable[[], TrainState]:
     return make_state
 
 
+def _check_run_dir(run_dir: str) -> None:
+    """Raise :class:`ConfigError` when ``run_dir`` cannot become a writable directory (a file is in the way)."""
+    path = Path(run_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"run_dir='{run_dir}': '{existing}' is a file, not a directory; pass a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir='{run_dir}': '{existing}' is not writable; pass a directory you can write to")
+
+
 def _check_devices(cfg: Config) -> None:
     platform = jax.devices()[0].platform
     if cfg.model.attention == "cudnn" and platform != "gpu":
@@ -150,6 +161,7 @@ def setup(cfg: Config) -> Run:
     Writes nothing. Raises :class:`~jaxtrain.config.ConfigError` or
     :class:`~jaxtrain.data.DataError` (one line naming the problem) for user mistakes.
     """
+    _check_run_dir(cfg.run_dir)
     checkpoint.check_resume(cfg)  # an incompatible run_dir fails before any compilation
     corpus = data.load_corpus(cfg.data)
     data.check_corpus(corpus, cfg.model.block_size, cfg.model.vocab_size)

@@ -138,3 +138,16 @@ def test_text_overrides_need_no_yaml_quoting():
     assert cfg.data.val_source is None and cfg.run_dir == "runs/a b" and cfg.train.steps == 7
     with pytest.raises(config.ConfigError, match="bad value for 'train.steps'"):
         config.load("configs/tiny.yaml", ["train.steps=*x"])
+
+
+@pytest.mark.parametrize("below", ["", "x/y"])
+def test_a_file_in_the_run_dir_path_is_a_one_line_error_and_stays_untouched(tmp_path, capsys, below):
+    from jaxtrain import run
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    run_dir = blocker / below if below else blocker
+    assert run.main(["--config", "configs/tiny.yaml", f"run_dir={run_dir}"]) == run.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{blocker}' is a file, not a directory" in err
+    assert blocker.read_text() == "keep me"
