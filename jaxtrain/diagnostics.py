@@ -106,8 +106,8 @@ def grad_stats(grads: PyTree, updates: PyTree, params: PyTree, *, grad_norm: Opt
       float32 scalars ``grad_norm/<module>``, ``update_ratio/<module>`` (0 for
       a module whose parameters are all zero) and optionally ``clipped``.
     """
-    g2, u2, p2 = (_module_sq_norms(t, depth) for t in (grads, updates, params))
     with jax.named_scope(SCOPE):
+        g2, u2, p2 = (_module_sq_norms(t, depth) for t in (grads, updates, params))
         out = {f"grad_norm/{m}": jnp.sqrt(v) for m, v in g2.items()}
         for m, p in p2.items():
             out[f"update_ratio/{m}"] = jnp.where(p > 0, jnp.sqrt(u2[m] / jnp.where(p > 0, p, 1.0)), 0.0)

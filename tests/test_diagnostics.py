@@ -197,11 +197,12 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def test_run_logs_and_plots_diagnostics(tmp_path):
     tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-    cfg = config.load(tiny, [f"run_dir={tmp_path}", "train.diagnostics=true", "train.steps=6", "train.log_every=3",
-                             "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=4", "train.batch_size=8",
-                             "model.block_size=32", "model.n_embd=32",
-                             "checkpoint.every=100", "log.progress=false",
-                             "optim.max_grad_norm=1e-4"])  # far below any real gradient norm: every step clips
+    cfg = config.load(tiny, [
+        f"run_dir={tmp_path}", "train.diagnostics=true", "train.steps=6", "train.log_every=3", "train.eval_every=0",
+        "train.eval_batches=1", "train.sample_tokens=4", "train.batch_size=8", "model.block_size=32",
+        "model.n_embd=32", "checkpoint.every=100", "log.progress=false",
+        "optim.max_grad_norm=1e-4",  # far below any real gradient norm: every step clips
+    ])
     loop.train(cfg)
     rows = metrics.read_jsonl(tmp_path / metrics.METRICS_FILE)
     assert [r["step"] for r in rows] == [3, 6]
