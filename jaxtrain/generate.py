@@ -120,9 +120,14 @@ def sample_text(state, prompt: str, *, tokens: int, temperature: float = 1.0, to
 # ---------------------------------------------------------------- CLI
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other user error (argparse prints the usage first)
+        self.exit(2, f"error: {message}; see python -m jaxtrain.generate --help\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxtrain.generate",
-                                description="Generate text from a run directory's latest checkpoint.")
+    p = _Parser(prog="python -m jaxtrain.generate",
+                description="Generate text from a run directory's latest checkpoint.")
     p.add_argument("--run-dir", required=True, help="run directory written by python -m jaxtrain.run")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a line)")
     p.add_argument("--tokens", type=int, default=200, help="tokens (bytes) to generate")
@@ -135,10 +140,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if args.tokens < 0 or args.num_samples < 1:
-        print(f"error: --tokens={args.tokens} must be >= 0 and --num-samples={args.num_samples} >= 1",
-              file=sys.stderr)
-        return 2
+    for flag, value, low in (("--tokens", args.tokens, 0), ("--num-samples", args.num_samples, 1),
+                             ("--temperature", args.temperature, 0), ("--top-k", args.top_k, 0)):
+        if value < low:
+            print(f"error: {flag}={value} must be >= {low}", file=sys.stderr)
+            return 2
     from jaxtrain import checkpoint
 
     try:

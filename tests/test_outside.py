@@ -151,3 +151,23 @@ def test_a_file_in_the_run_dir_path_is_a_one_line_error_and_stays_untouched(tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"'{blocker}' is a file, not a directory" in err
     assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--tokens", "-5"], "error: --tokens=-5 must be >= 0"),
+    (["--num-samples", "0"], "error: --num-samples=0 must be >= 1"),
+    (["--temperature", "-1"], "error: --temperature=-1.0 must be >= 0"),
+    (["--top-k", "-3"], "error: --top-k=-3 must be >= 0"),
+    (["--bogus"], "error: unrecognized arguments: --bogus"),
+    (["--tokens", "abc"], "error: argument --tokens: invalid int value: 'abc'"),
+])
+def test_generate_flag_mistakes_are_one_line_naming_the_flag(tmp_path, capsys, argv, expected):
+    from jaxtrain import generate
+
+    try:
+        code = generate.main(["--run-dir", str(tmp_path), *argv])
+    except SystemExit as e:  # argparse's own errors exit
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(expected), err
