@@ -42,8 +42,13 @@ Config keys (name = built-in default  meaning; the config file, then the overrid
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # e.g. "--config" without a file: a ConfigError line, not argparse's usage block
+        raise ConfigError(f"{message}; see python -m jaxtrain.run --help")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxtrain.run", add_help=False)
+    p = _Parser(prog="python -m jaxtrain.run", add_help=False)
     p.add_argument("--config", default=None, help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     return p

@@ -171,3 +171,11 @@ def test_generate_flag_mistakes_are_one_line_naming_the_flag(tmp_path, capsys, a
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(expected), err
+
+
+def test_config_flag_without_a_file_is_one_line(capsys):
+    from jaxtrain import run
+
+    assert run.main(["--config"]) == run.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err == "error: argument --config: expected one argument; see python -m jaxtrain.run --help\n"
