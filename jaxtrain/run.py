@@ -11,7 +11,8 @@ value, unusable data, a batch that does not split across the devices, an
 incompatible checkpoint), printed as one ``error: ...`` line on stderr with
 nothing written to the run directory; 75 after SIGTERM or Ctrl-C (the current
 step finished and a checkpoint was saved: run the same command again to resume;
-a second Ctrl-C exits at once with 130); 1 when ``train.max_nonfinite``
+a second Ctrl-C exits at once with 130, as does a Ctrl-C before the loop
+starts, e.g. while compiling); 1 when ``train.max_nonfinite``
 consecutive steps were non-finite or no checkpoint in the run directory is
 readable.
 """
@@ -19,6 +20,7 @@ readable.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,7 +28,7 @@ from typing import Optional, Sequence
 from jaxtrain import config as config_lib
 from jaxtrain.config import Config, ConfigError
 from jaxtrain.data import DataError
-from jaxtrain.signals import Preempted, RunStopped
+from jaxtrain.signals import INTERRUPTED_EXIT_CODE, Preempted, RunStopped
 
 # The config the bare command trains: shipped next to the package in a source checkout.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -104,6 +106,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RunStopped as e:  # non-finite steps, unreadable checkpoints
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (imports, data, compilation, restore, plot)
+        print("interrupted: stopped outside the training loop; committed checkpoints are kept, "
+              "run the same command again to resume", file=sys.stderr, flush=True)
+        # Exit at once, as a second Ctrl-C in the loop does: an XLA compilation cut short leaves
+        # native threads behind, and a normal interpreter shutdown then crashes (SIGSEGV).
+        sys.stdout.flush()
+        os._exit(INTERRUPTED_EXIT_CODE)
     return 0
 
 

@@ -179,3 +179,24 @@ def test_config_flag_without_a_file_is_one_line(capsys):
     assert run.main(["--config"]) == run.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err == "error: argument --config: expected one argument; see python -m jaxtrain.run --help\n"
+
+
+def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
+    from jaxtrain import loop, run
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    monkeypatch.setattr(run.os, "_exit", fake_exit)
+    with pytest.raises(Exited) as e:
+        run.main(["--config", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}"])
+    assert e.value.args == (130,)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted: stopped outside the training loop")
