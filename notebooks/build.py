@@ -9,6 +9,7 @@ checks that they agree).
     python notebooks/build.py            # regenerate the .ipynb (no outputs)
     python notebooks/build.py --execute  # ... and run them, keeping the outputs
                                          #     and refreshing the README figures in docs/
+    python notebooks/build.py --execute 01_pytorch_to_jax   # only this one
 """
 
 from __future__ import annotations
@@ -71,11 +72,17 @@ def execute(nb: nbformat.NotebookNode, timeout: int = 600) -> float:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--execute", action="store_true", help="run each notebook and keep its outputs")
+    ap.add_argument("names", nargs="*", help="notebooks to build (default: all in notebooks/src)")
     args = ap.parse_args(argv)
+    sources = [SRC / f"{name}.py" for name in args.names] or sorted(SRC.glob("*.py"))
+    missing = [str(s.relative_to(HERE.parent)) for s in sources if not s.is_file()]
+    if missing:
+        sys.exit(f"no notebook source {', '.join(missing)}; available: "
+                 f"{', '.join(s.stem for s in sorted(SRC.glob('*.py')))}")
     if args.execute:
         DOCS.mkdir(exist_ok=True)
         os.environ["JAXTRAIN_DOCS"] = str(DOCS)  # the kernel inherits it: figures for the README
-    for src in sorted(SRC.glob("*.py")):
+    for src in sources:
         nb = to_notebook(parse(src.read_text()))
         note = ""
         if args.execute:

@@ -310,8 +310,9 @@ def phase_of(op_name: str) -> str:
 hlo = compiled.as_text()
 entry = hlo[hlo.index("\nENTRY"):]
 entry = entry[:entry.index("\n}")]
-schedule = [phase_of(m.group(1)) for line in entry.splitlines()
+op_names = [m.group(1) for line in entry.splitlines()
             if " parameter(" not in line and (m := re.search(r'op_name="([^"]*)"', line))]
+schedule = [phase_of(name) for name in op_names]
 position = {p: np.array([i for i, q in enumerate(schedule) if q == p]) for p in (*PHASES, "other")}
 print(f"{len(schedule)} instructions in the compiled step, in execution order")
 for p in (*PHASES, "other"):
@@ -319,14 +320,18 @@ for p in (*PHASES, "other"):
     print(f"  {p:9s} {len(pos):4d} ops   first {pos.min():4d}   median {int(np.median(pos)):4d}   last {pos.max():4d}")
 medians = [np.median(position[p]) for p in PHASES]
 assert medians == sorted(medians), dict(zip(PHASES, medians))
+early = [name for name, p in zip(op_names[:position["loss"].min()], schedule) if p == "update"]
+print("update ops scheduled before the loss is computed:", early)
+assert early and all(name.endswith("/pow") for name in early)
 
 # %% [markdown]
 # The medians come out in the PyTorch order: forward, loss, backward, clip, update. The edges overlap,
-# and that is the point of compiling the whole step: XLA only has to respect data dependencies, so it
-# computes AdamW's bias corrections (which need only the step count) early, and starts squaring a
-# layer's gradient for the clip norm as soon as that gradient exists. "other" is `train_step`'s own
-# bookkeeping: the `grad_norm`/`param_norm` metrics and the guard that keeps the old state when a step
-# is not finite.
+# and that is the point of compiling the whole step: XLA only has to respect data dependencies. The
+# update ops it runs before the loss even exists are `pow`s: AdamW's bias corrections `1 - b1^t` and
+# `1 - b2^t`, which depend on the step count alone. (The backward's first ops are constants, such as
+# the `1/N` of the mean loss.) "other" is `train_step`'s own bookkeeping: the `grad_norm` and
+# `param_norm` metrics, applying the updates, and the guard that keeps the old state when a step is
+# not finite.
 
 # %%
 colors = dict(forward="tab:blue", loss="tab:purple", backward="tab:orange", clip="tab:red",
