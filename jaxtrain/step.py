@@ -141,7 +141,9 @@ def _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name
         loss0 = jnp.zeros((), jnp.float32)
     model_state0 = state.model_state
     if axis_name is not None:  # the body makes batch statistics per-device: the carry must start that way
-        model_state0 = jax.tree.map(lambda x: jax.lax.pcast(x, axis_name, to="varying"), model_state0)
+        model_state0 = jax.tree.map(
+            lambda x: jax.lax.pcast(x, axis_name, to="varying") if jnp.issubdtype(x.dtype, jnp.inexact) else x,
+            model_state0)
     (grad_sum, loss_sum, model_state), auxs = jax.lax.scan(
         body, (zeros, loss0, model_state0), (micro, jnp.arange(grad_accum)))
     grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
@@ -152,7 +154,8 @@ def _sync_model_state(model_state: PyTree, axis_name: str) -> PyTree:
     """Make non-trainable variables agree across ``axis_name``, so replicas stay replicas.
 
     Float ones (BatchNorm running statistics) are averaged, as a cross-replica
-    batch-statistics sync does; integer ones (counters) take the maximum.
+    batch-statistics sync does; integer ones (counters) take the maximum; others
+    (a module's stored PRNG keys) are left as they are.
     """
     def sync(x):
         if jnp.issubdtype(x.dtype, jnp.inexact):

@@ -200,3 +200,33 @@ def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(monkeypatch, capsys, tm
     assert e.value.args == (130,)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("interrupted: stopped outside the training loop")
+
+
+class _StoredRngsDropout(nnx.Module):
+    """The common NNX idiom: Dropout keeps its own Rngs (a typed key and a uint32 count in model_state)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.l1 = nnx.Linear(16, 32, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.l2 = nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x, train: bool):
+        return self.l2(self.drop(nnx.relu(self.l1(x)), deterministic=not train))
+
+
+def _dropout_loss(model, batch, rng):
+    logits = model(batch["x"], rng is not None)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), {}
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_a_model_with_stored_rngs_runs_under_shard_map(grad_accum):
+    n = 4
+    tx = make_optimizer(OptimConfig(schedule="constant", warmup_steps=0))
+    state = TrainState.create(_StoredRngsDropout(nnx.Rngs(0)), tx)
+    batch = {"x": jnp.ones((8, 16)), "y": jnp.zeros(8, jnp.int32)}
+    mesh = jax.make_mesh((n,), ("d",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+    fn = functools.partial(train_step, loss_fn=_dropout_loss, axis_name="d", grad_accum=grad_accum)
+    new, metrics = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("d")), out_specs=(P(), P())))(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(new.model_state["drop"]["rngs"]["count"]) == grad_accum  # one dropout draw per microbatch
