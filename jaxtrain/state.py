@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -44,7 +45,7 @@ class TrainState:
         """
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-        if isinstance(rng, int):
+        if isinstance(rng, (int, np.integer)):  # numpy ints too, e.g. a seed taken from an array
             rng = jax.random.key(rng)
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
                    model_state=rest, graphdef=graphdef, tx=tx)

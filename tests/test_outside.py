@@ -230,3 +230,10 @@ def test_a_model_with_stored_rngs_runs_under_shard_map(grad_accum):
     new, metrics = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("d")), out_specs=(P(), P())))(state, batch)
     assert np.isfinite(float(metrics["loss"]))
     assert int(new.model_state["drop"]["rngs"]["count"]) == grad_accum  # one dropout draw per microbatch
+
+
+def test_a_numpy_integer_seed_makes_the_same_state_as_an_int():
+    tx = make_optimizer(OptimConfig(schedule="constant", warmup_steps=0))
+    a = TrainState.create(_MLP(nnx.Rngs(0)), tx, rng=np.int64(3))
+    b = TrainState.create(_MLP(nnx.Rngs(0)), tx, rng=3)
+    np.testing.assert_array_equal(jax.random.key_data(a.rng), jax.random.key_data(b.rng))
