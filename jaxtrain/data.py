@@ -70,6 +70,7 @@ class Corpus:
     name: str
     train: np.ndarray
     val: np.ndarray
+    val_from: str = "data.val_fraction"  # the config key that made the validation split (for error messages)
 
     @functools.cached_property
     def vocab_size(self) -> int:
@@ -180,7 +181,7 @@ def load_corpus(cfg) -> Corpus:
     name = "stdlib" if cfg.source == "stdlib" else Path(cfg.source).name
     if cfg.val_source is not None:
         val = _load_tokens(cfg.val_source, "data.val_source", cfg)
-        return Corpus(name, tokens, val)
+        return Corpus(name, tokens, val, val_from="data.val_source")
     split = len(tokens) - int(len(tokens) * cfg.val_fraction)
     return Corpus(name, tokens[:split], tokens[split:])
 
@@ -190,9 +191,11 @@ def check_corpus(corpus: Corpus, block_size: int, vocab_size: int) -> None:
     for split in ("train", "val"):
         n = len(getattr(corpus, split))
         if n < block_size + 1:
+            fix = ("a longer data.val_source" if corpus.val_from == "data.val_source"
+                   else "more data or another data.val_fraction")
             raise DataError(f"corpus '{corpus.name}': {split} split has {n} tokens, needs at least "
-                            f"model.block_size+1={block_size + 1}; use more data, a smaller block_size "
-                            "or another data.val_fraction")
+                            f"model.block_size+1={block_size + 1}; use a smaller model.block_size or "
+                            + (fix if split == "val" else "more data in data.source"))
     if corpus.vocab_size > vocab_size:
         raise DataError(f"corpus '{corpus.name}': max token id {corpus.vocab_size - 1} does not fit "
                         f"model.vocab_size={vocab_size}; ids must be < model.vocab_size")

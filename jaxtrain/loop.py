@@ -214,7 +214,7 @@ def train(cfg: Config) -> Summary:
     try:
         state, start, resumed = _initial_state(run, mngr)
         generate.sample_text(state, cfg.train.sample_prompt, tokens=1)  # compile decoding outside the loop
-        if run.is_main:
+        if run.is_main and start < cfg.train.steps:  # a finished run's files stay as they are
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run_dir) / CONFIG_FILE).write_text(to_yaml(cfg))
         return _loop(run, mngr, state, start, resumed, t0)
@@ -284,8 +284,8 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
                                         f"'{mngr.directory}'; run the same command again to resume")
             clock.start()
         # -- at-end
-        if val_loss is None:  # nothing ran (already at train.steps): still report where the run stands
-            val_loss, sample = evaluate(run, state), _sample(run, state, int(state.step))
+        if val_loss is None:  # nothing ran (already at train.steps): report where the run stands, write nothing
+            val_loss, sample = evaluate(run, state), _sample(run, state, int(state.step), record=False)
         log.echo(f"sample at step {int(state.step)}:\n{sample}")
     mngr.wait_until_finished()
     return _finish(run, state, start, val_loss, sample, clock.total, time.perf_counter() - t_loop, t0)
@@ -349,12 +349,12 @@ def evaluate(run: Run, state: TrainState) -> float:
     return float(np.mean(jax.device_get(losses)))
 
 
-def _sample(run: Run, state: TrainState, step: int) -> str:
-    """Generate the configured sample (every process: params may be sharded); process 0 appends it."""
+def _sample(run: Run, state: TrainState, step: int, record: bool = True) -> str:
+    """Generate the configured sample (every process: params may be sharded); process 0 appends it if ``record``."""
     tc = run.cfg.train
     text = generate.sample_text(state, tc.sample_prompt, tokens=tc.sample_tokens,
                                 temperature=tc.sample_temperature, top_k=tc.sample_top_k, seed=step)[0]
-    if run.is_main:
+    if run.is_main and record:
         with open(Path(run.cfg.run_dir) / SAMPLES_FILE, "a") as f:
             f.write(f"===== step {step} =====\n{text}\n\n")
     return text

@@ -41,6 +41,7 @@ devices the run hangs after the first step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -125,8 +126,8 @@ def initialize(pcfg: ParallelConfig) -> None:
       On CPU, cross-process collectives go through gloo.
 
     A single process without ``local_device_count`` is a no-op. Calling it again
-    is a no-op (idempotent). After ``jax.distributed.initialize``, SIGTERM gets its
-    default action back (see :func:`_default_sigterm`).
+    is a no-op (idempotent). ``jax.distributed.initialize`` replaces the SIGTERM
+    handler; the one that was there before comes back (see :func:`_keep_sigterm`).
     Raises:
       ConfigError: bad process numbers, or JAX already running computations
         when a setting that must precede them is requested.
@@ -139,7 +140,8 @@ def initialize(pcfg: ParallelConfig) -> None:
     if args is None:
         return
     try:
-        jax.distributed.initialize(**args)
+        with _keep_sigterm():
+            jax.distributed.initialize(**args)
     except RuntimeError as e:
         raise ConfigError("jax.distributed.initialize failed (call jaxtrain.parallel.initialize before "
                           f"any JAX operation): {str(e).splitlines()[0]}") from None
@@ -148,21 +150,26 @@ def initialize(pcfg: ParallelConfig) -> None:
                           f"{str(e).splitlines()[0]}; set parallel.coordinator_address, parallel.num_processes "
                           f"and parallel.process_id (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, "
                           f"{ENV_PROCESS_ID})") from None
-    _default_sigterm()
 
 
-def _default_sigterm() -> None:
-    """Give SIGTERM back its default action (end the process).
+@contextlib.contextmanager
+def _keep_sigterm():
+    """Put back the Python SIGTERM handler that was there before the ``with`` block.
 
     ``jax.distributed.initialize`` installs a C-level SIGTERM handler (its
     preemption notifier) that only records the signal, so a multi-process run
     told to stop while it compiles would keep running until SIGKILL. jaxtrain
-    handles SIGTERM itself inside the training loop (:class:`jaxtrain.signals.StopSignals`:
-    finish the step, agree on it across processes, checkpoint, exit); before the
-    loop it now ends the process, as in a single-process run.
+    handles SIGTERM itself: before the loop the command line stops at once
+    (:func:`jaxtrain.run.main`), inside it :class:`jaxtrain.signals.StopSignals`
+    finishes the step, agrees on it across processes, checkpoints and exits.
     """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _set_cpu_device_count(n: int) -> None:

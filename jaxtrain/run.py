@@ -12,7 +12,8 @@ incompatible checkpoint), printed as one ``error: ...`` line on stderr with
 nothing written to the run directory; 75 after SIGTERM or Ctrl-C (the current
 step finished and a checkpoint was saved: run the same command again to resume;
 a second Ctrl-C exits at once with 130, as does a Ctrl-C before the loop
-starts, e.g. while compiling); 1 when ``train.max_nonfinite``
+starts, e.g. while compiling); 143 after SIGTERM outside the training loop (while
+loading data or compiling: nothing new to save); 1 when ``train.max_nonfinite``
 consecutive steps were non-finite or no checkpoint in the run directory is
 readable.
 """
@@ -21,18 +22,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from jaxtrain import config as config_lib
-from jaxtrain.config import Config, ConfigError
-from jaxtrain.data import DataError
-from jaxtrain.signals import INTERRUPTED_EXIT_CODE, Preempted, RunStopped
+from jaxtrain.signals import INTERRUPTED_EXIT_CODE, Preempted, RunStopped  # standard library only
+
+if TYPE_CHECKING:
+    from jaxtrain.config import Config
+
+# Everything heavier (OmegaConf, NumPy, JAX) is imported inside main(), where a
+# Ctrl-C or SIGTERM during the imports ends in one line, not a traceback.
 
 # The config the bare command trains: shipped next to the package in a source checkout.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 EXIT_USER_ERROR = 2
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143, as the signal's default action reports it
 
 _USAGE = """\
 usage: python -m jaxtrain.run [--config FILE.yaml] [key.sub=value ...]
@@ -46,7 +52,17 @@ Config keys (name = built-in default  meaning; the config file, then the overrid
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # e.g. "--config" without a file: a ConfigError line, not argparse's usage block
+        from jaxtrain.config import ConfigError
+
         raise ConfigError(f"{message}; see python -m jaxtrain.run --help")
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop (the loop handles it itself); a BaseException like KeyboardInterrupt."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,16 +74,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def usage() -> str:
     """The ``--help`` text: how to call it, then every config key with default and meaning."""
+    from jaxtrain import config as config_lib
+
     return _USAGE.format(default=DEFAULT_CONFIG) + config_lib.describe()
 
 
 def load_config(argv: Sequence[str]) -> Config:
     """Parse ``argv`` (without the program name) into a validated :class:`Config`."""
+    from jaxtrain import config as config_lib
+    from jaxtrain.config import ConfigError
+
     args, unknown = _parser().parse_known_args(list(argv))
     flags = [a for a in unknown if a.startswith("-")]
     if flags:
         raise ConfigError(f"unknown option '{flags[0]}'; options are --config FILE and --help, "
                           "config keys are given as key=value")
+    if args.config is not None and not args.config.strip():
+        raise ConfigError("--config got an empty value; give a YAML file, e.g. --config configs/tiny.yaml")
     path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     return config_lib.load(path, args.overrides + unknown)
 
@@ -88,6 +111,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(usage())
         return 0
+    main_thread = _in_main_thread()  # only the main thread can install signal handlers
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    try:
+        return _run(argv)
+    except (KeyboardInterrupt, _Terminated) as e:  # outside the training loop (imports, data, compile, plot)
+        name, code = ("SIGTERM", TERMINATED_EXIT_CODE) if isinstance(e, _Terminated) else \
+            ("interrupted", INTERRUPTED_EXIT_CODE)
+        print(f"{name}: stopped outside the training loop; committed checkpoints are kept, "
+              "run the same command again to resume", file=sys.stderr, flush=True)
+        # Exit at once, as a second Ctrl-C in the loop does: an XLA compilation cut short leaves
+        # native threads behind, and a normal interpreter shutdown then crashes (SIGSEGV).
+        sys.stdout.flush()
+        os._exit(code)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _run(argv: Sequence[str]) -> int:
+    from jaxtrain.config import ConfigError
+    from jaxtrain.data import DataError
+
     try:
         cfg = load_config(argv)
         prepare_backend(cfg)
@@ -100,19 +151,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except Preempted as e:  # SIGTERM / Ctrl-C: a checkpoint was saved; rerunning resumes
+    except Preempted as e:  # SIGTERM / Ctrl-C in the loop: a checkpoint was saved; rerunning resumes
         print(str(e), file=sys.stderr)
         return e.exit_code
     except RunStopped as e:  # non-finite steps, unreadable checkpoints
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (imports, data, compilation, restore, plot)
-        print("interrupted: stopped outside the training loop; committed checkpoints are kept, "
-              "run the same command again to resume", file=sys.stderr, flush=True)
-        # Exit at once, as a second Ctrl-C in the loop does: an XLA compilation cut short leaves
-        # native threads behind, and a normal interpreter shutdown then crashes (SIGSEGV).
-        sys.stdout.flush()
-        os._exit(INTERRUPTED_EXIT_CODE)
     return 0
 
 

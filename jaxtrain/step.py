@@ -20,6 +20,7 @@ Options (bind them with ``functools.partial`` before jitting): a custom
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 import jax
@@ -42,7 +43,8 @@ def lm_loss(model: nnx.Module, batch: Batch, rng: Optional[jax.Array]) -> tuple[
 
     Args:
       model: maps ``inputs`` int ``[B, T]`` to logits ``[B, T, V]``; called with
-        ``rngs`` and ``deterministic`` keywords (dropout on when ``rng`` is given).
+        ``rngs`` and ``deterministic`` keywords (dropout on when ``rng`` is given),
+        each only if its ``__call__`` takes it (or takes ``**kwargs``).
       batch: ``{"inputs": int[B, T], "targets": int[B, T]}``.
       rng: a typed key for dropout, or None for evaluation.
     Returns:
@@ -50,9 +52,20 @@ def lm_loss(model: nnx.Module, batch: Batch, rng: Optional[jax.Array]) -> tuple[
     """
     inputs, targets = _lm_arrays(batch)
     rngs = nnx.Rngs(dropout=rng) if rng is not None else None
-    logits_BTV = model(inputs, rngs=rngs, deterministic=rng is None)
+    logits_BTV = model(inputs, **_accepted(model, rngs=rngs, deterministic=rng is None))
     loss = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets)
     return loss.mean(), {}
+
+
+def _accepted(model: Any, **kwargs) -> dict:
+    """The subset of ``kwargs`` that ``model.__call__`` takes (all of them if it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(model).parameters
+    except (TypeError, ValueError):  # no introspectable signature: pass everything
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def _lm_arrays(batch: Batch) -> tuple[jax.Array, jax.Array]:

@@ -92,6 +92,9 @@ BAD_INPUTS = {
     "empty corpus": (lambda tmp: [f"data.source={_write(tmp / 'empty.txt', b'')}"], ["empty.txt", "empty"]),
     "shorter than a block": (lambda tmp: [f"data.source={_write(tmp / 'short.txt', b'x = 1' * 10)}"],
                              ["short.txt", "48 tokens", "model.block_size+1=65"]),
+    "validation source shorter than a block": (
+        lambda tmp: [f"data.val_source={_write(tmp / 'val.txt', b'x = 1' * 2)}"],
+        ["val split has 10 tokens", "a longer data.val_source"]),
     "token id >= vocab": (lambda tmp: [f"data.source={_write(tmp / 'ids.npy', np.arange(4000) % 300)}"],
                           ["ids.npy", "max token id 299", "model.vocab_size=256"]),
     "unknown key": (lambda tmp: ["optim.lrr=0.1"], ["'optim.lrr'", "did you mean 'optim.lr'"]),
@@ -120,6 +123,17 @@ def test_bad_input_fails_in_one_line_and_leaves_the_run_dir_alone(case, tiny_run
     for word in words:
         assert word in err[0], (word, err[0])
     assert _snapshot(run_dir) == before
+
+
+def test_rerunning_a_finished_run_reports_it_and_rewrites_nothing(tiny_run, capsys):
+    run_dir, r = tiny_run
+    assert r.returncode == 0
+    kept = ("config.yaml", "samples.txt", "metrics.jsonl")
+    before = {name: (run_dir / name).read_bytes() for name in kept}
+    assert run.main(["--config", str(TINY), f"run_dir={run_dir}", *QUIET, "train.sample_tokens=7"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from step 40" in out and _summary(out).startswith("done: 40 steps")
+    assert {name: (run_dir / name).read_bytes() for name in kept} == before
 
 
 def test_failing_run_creates_no_run_dir(tmp_path, capsys):

@@ -172,7 +172,8 @@ class GPT(nnx.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; like nanoGPT, position embeddings are excluded by default."""
         n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
-        return n - self.wpe.embedding[...].size if non_embedding else n
+        # the position table is [block_size, n_embd]; read from the config, so shape-only models work too
+        return n - self.config.block_size * self.config.n_embd if non_embedding else n
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), as in the PaLM appendix."""
