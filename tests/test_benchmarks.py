@@ -92,3 +92,10 @@ def test_compilation_cache_dir_follows_the_environment(monkeypatch, tmp_path):
         assert perf.compilation_cache_dir() is None
     monkeypatch.delenv(perf.CACHE_ENV)
     assert perf.compilation_cache_dir() == Path(perf.DEFAULT_CACHE_DIR).expanduser()
+
+
+def test_check_attention_smoke_compares_with_the_float32_reference():
+    out = _load("check_attention").main(["--smoke", "--steps", "3"])
+    xla = out["xla"]
+    assert xla["loss_rel_err"] < 1e-3 and 0 < xla["grad_rel_err"] < 5e-2  # bfloat16 against float32
+    assert xla["losses"][-1] < xla["losses"][0]

@@ -177,3 +177,20 @@ def test_sigterm_before_the_loop_ends_a_distributed_process(tmp_path):
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(tmp_path), timeout=120,
                        capture_output=True, text=True)
     assert p.returncode == -signal.SIGTERM, p.stderr[-2000:]
+
+
+def test_initialize_keeps_a_python_sigterm_handler_installed_before_it(tmp_path):
+    """``python -m jaxtrain.run`` installs its own SIGTERM handler first; jax.distributed must not replace it."""
+    script = (
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: os._exit(7))\n"
+        "from jaxtrain import parallel\n"
+        "from jaxtrain.config import ParallelConfig\n"
+        f"parallel.initialize(ParallelConfig(coordinator_address='127.0.0.1:{_free_port()}', "
+        "num_processes=1, process_id=0))\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+        "sys.exit(3)\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(tmp_path), timeout=120,
+                       capture_output=True, text=True)
+    assert p.returncode == 7, p.stderr[-2000:]

@@ -237,3 +237,43 @@ def test_a_numpy_integer_seed_makes_the_same_state_as_an_int():
     a = TrainState.create(_MLP(nnx.Rngs(0)), tx, rng=np.int64(3))
     b = TrainState.create(_MLP(nnx.Rngs(0)), tx, rng=3)
     np.testing.assert_array_equal(jax.random.key_data(a.rng), jax.random.key_data(b.rng))
+
+
+class _PlainLM(nnx.Module):
+    """A language model whose __call__ takes only the tokens (no rngs / deterministic keywords)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(256, 16, rngs=rngs)
+        self.out = nnx.Linear(16, 256, rngs=rngs)
+
+    def __call__(self, tokens):
+        return self.out(self.embed(tokens))
+
+
+def test_default_lm_loss_calls_a_model_without_rngs_keywords():
+    state = TrainState.create(_PlainLM(nnx.Rngs(0)), make_optimizer(OptimConfig(lr=1e-2, schedule="constant")), rng=0)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 9)), jnp.int32)
+    batch = {"inputs": x[:, :-1], "targets": x[:, 1:]}
+    step = jax.jit(train_step)
+    losses = []
+    for _ in range(5):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] and float(eval_step(state, batch)["loss"]) < losses[0]
+
+
+def test_num_params_works_on_a_shape_only_model():
+    from jaxtrain.models import GPT, GPTConfig
+
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32)
+    real = GPT(cfg, rngs=nnx.Rngs(0))
+    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    assert abstract.num_params() == real.num_params() and abstract.flops_per_token() == real.flops_per_token()
+
+
+def test_an_empty_config_flag_value_is_one_line(capsys):
+    from jaxtrain import run
+
+    assert run.main(["--config="]) == run.EXIT_USER_ERROR
+    assert capsys.readouterr().err == ("error: --config got an empty value; give a YAML file, "
+                                       "e.g. --config configs/tiny.yaml\n")
