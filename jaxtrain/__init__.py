@@ -24,7 +24,8 @@ _EXPORTS = {
     "decay_mask": "jaxtrain.optim",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = ["TrainState", "train_step", "eval_step", "lm_loss", "check_tokens", "make_optimizer",
+           "make_schedule", "decay_mask", "__version__"]  # == _EXPORTS + __version__ (tested)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from jaxtrain.optim import decay_mask, make_optimizer, make_schedule

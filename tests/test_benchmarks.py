@@ -4,26 +4,17 @@ Also the persistent compilation cache setting (``jaxtrain.perf``) and the
 FLOP count the step benchmark reports.
 """
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_modules import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_step = _load("bench_step")
+bench_step = load_benchmark("bench_step")
 
 
 def test_bench_step_smoke_measures_every_side_and_writes_results(tmp_path):
@@ -69,14 +60,14 @@ def test_unknown_side_is_a_one_line_error(capsys):
 
 
 def test_bench_gpu_smoke_runs_on_cpu():
-    out = _load("bench_gpu").main(["--smoke"])
+    out = load_benchmark("bench_gpu").main(["--smoke"])
     assert out["tokens_per_s"] > 0 and out["compute"] == "bfloat16" and out["attention"] == "xla"
     assert 0 < out["mfu_vs_measured_matmul"] and math.isfinite(out["loss"]) and out["loss"] < 6.0  # ln(256) = 5.5
 
 
 def test_first_step_of_a_cold_start_fills_the_compilation_cache(tmp_path):
     cache = tmp_path / "cache"
-    seconds = _load("bench_startup").time_to_first_step("configs/tiny.yaml", tmp_path / "run", cache)
+    seconds = load_benchmark("bench_startup").time_to_first_step("configs/tiny.yaml", tmp_path / "run", cache)
     assert seconds > 0
     assert any(p.name.startswith("jit_") for p in cache.iterdir()), sorted(p.name for p in cache.iterdir())
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
@@ -95,7 +86,7 @@ def test_compilation_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_check_attention_smoke_compares_with_the_float32_reference():
-    out = _load("check_attention").main(["--smoke", "--steps", "3"])
+    out = load_benchmark("check_attention").main(["--smoke", "--steps", "3"])
     xla = out["xla"]
     assert xla["loss_rel_err"] < 1e-3 and 0 < xla["grad_rel_err"] < 5e-2  # bfloat16 against float32
     assert xla["losses"][-1] < xla["losses"][0]

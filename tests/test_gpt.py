@@ -1,9 +1,6 @@
 """The GPT model: nanoGPT names and sizes, causality, dropout, dtypes, remat."""
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,17 +9,9 @@ import pytest
 from flax import nnx
 
 from jaxtrain.models import GPT, GPTConfig
+from benchmark_modules import load_benchmark
 
 CFG = GPTConfig(vocab_size=48, block_size=8, n_layer=2, n_head=2, n_embd=16)
-
-
-def _load_torch_gpt():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_gpt.py"
-    spec = importlib.util.spec_from_file_location("torch_gpt", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["torch_gpt"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
 
 @nnx.jit(static_argnames=("deterministic",))
@@ -55,7 +44,7 @@ def test_parameter_names_follow_nanogpt():
 
 @pytest.mark.parametrize("kw", [{}, {"tie_embeddings": False, "bias": False}])
 def test_parameter_count_matches_the_torch_reference(kw):
-    torch_gpt = _load_torch_gpt()
+    torch_gpt = load_benchmark("torch_gpt")
     cfg = dataclasses.replace(CFG, **kw)
     torch_model = torch_gpt.TorchGPT(torch_gpt.TorchGPTConfig(
         **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(torch_gpt.TorchGPTConfig)}))

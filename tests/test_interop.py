@@ -1,9 +1,6 @@
 """nanoGPT-format state_dict import/export: exact round trips and clear errors."""
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,18 +10,10 @@ import torch
 from flax import nnx
 
 from jaxtrain.models import GPT, GPTConfig, from_torch_state_dict, to_torch_state_dict
+from benchmark_modules import load_benchmark
 
 
-def _load_torch_gpt():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_gpt.py"
-    spec = importlib.util.spec_from_file_location("torch_gpt", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["torch_gpt"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-torch_gpt = _load_torch_gpt()
+torch_gpt = load_benchmark("torch_gpt")
 
 SMALL = dict(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)
 VARIANTS = [dict(bias=True, tie_embeddings=True), dict(bias=False, tie_embeddings=False)]

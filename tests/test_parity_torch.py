@@ -31,9 +31,6 @@ correction is applied. The run is set up so that clipping triggers on the first
 steps (norm > 1) and not on the later ones, exercising both branches.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -45,18 +42,10 @@ from flax import nnx
 from jaxtrain import TrainState, make_optimizer, train_step
 from jaxtrain.config import OptimConfig
 from jaxtrain.models import GPT, GPTConfig, from_torch_state_dict, to_torch_state_dict
+from benchmark_modules import load_benchmark
 
 
-def _load_torch_gpt():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_gpt.py"
-    spec = importlib.util.spec_from_file_location("torch_gpt", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["torch_gpt"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-torch_gpt = _load_torch_gpt()
+torch_gpt = load_benchmark("torch_gpt")
 
 ARCH = dict(vocab_size=256, block_size=32, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=True,
             tie_embeddings=True)

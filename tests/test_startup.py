@@ -29,6 +29,7 @@ def test_importing_the_package_and_the_cli_module_does_not_import_jax():
 def test_an_unknown_package_attribute_is_an_attribute_error():
     import jaxtrain
 
+    assert set(jaxtrain.__all__) == set(jaxtrain._EXPORTS) | {"__version__"}
     with pytest.raises(AttributeError, match="module 'jaxtrain' has no attribute 'train_stpe'"):
         jaxtrain.train_stpe
 
