@@ -231,13 +231,15 @@ def _overrides_layer(overrides: Sequence[str]) -> DictConfig:
     Values of text fields (paths, globs, prompts) are taken as written, so
     ``data.glob=*.md`` or ``train.sample_prompt=def f(x):`` need no YAML quoting
     (YAML would read a leading ``*`` as an alias and ``a:`` as a mapping); an
-    empty value or ``null`` still means None. Other values that are not valid
+    empty value is the empty string for a ``str`` field (``train.sample_prompt=``)
+    and None for an optional one, as ``null`` is. Other values that are not valid
     YAML are kept as text too, for the type check to name.
     """
     layer = OmegaConf.create()
     for o in _parse_overrides(overrides):
         key, value = o.split("=", 1)
-        text = _is_text_field(key) and value not in ("", "null", "~")
+        kind = _text_field_kind(key)
+        text = kind == "str" or (kind == "optional" and value not in ("", "null", "~"))
         try:
             parsed = None if text else OmegaConf.from_dotlist([o])
         except yaml.YAMLError:
@@ -251,19 +253,19 @@ def _overrides_layer(overrides: Sequence[str]) -> DictConfig:
     return layer
 
 
-def _is_text_field(key: str) -> bool:
-    """Whether ``key`` names a ``str`` (or optional ``str``) field: its value is taken as written."""
+def _text_field_kind(key: str) -> Optional[str]:
+    """``"str"`` or ``"optional"`` if ``key`` names a ``str`` / ``Optional[str]`` field (its value is taken as written), else None."""
     cls, parts = Config, key.split(".")
     for i, part in enumerate(parts):
         f = next((f for f in dataclasses.fields(cls) if f.name == part), None)
         if f is None:
-            return False
+            return None
         if i == len(parts) - 1:
-            return f.type in ("str", "Optional[str]")
+            return {"str": "str", "Optional[str]": "optional"}.get(f.type)
         if f.default_factory is dataclasses.MISSING:
-            return False
+            return None
         cls = f.default_factory
-    return False
+    return None
 
 
 def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
@@ -360,6 +362,11 @@ def validate(cfg: Config) -> None:
                 "train.sample_temperature", "train.sample_top_k"]:
         if _get(cfg, key) < 0:
             bad(key, "must be >= 0")
+    for key in ["run_dir", "data.source", "data.glob", "data.cache_dir"]:  # "" would mean the current directory
+        if not _get(cfg, key).strip():
+            bad(key, "must not be empty")
+    if cfg.data.val_source is not None and not cfg.data.val_source.strip():
+        bad("data.val_source", "must not be empty (null: hold out data.val_fraction of data.source)")
     if cfg.model.n_embd % cfg.model.n_head:
         bad("model.n_embd", f"must be divisible by model.n_head={cfg.model.n_head}")
     if not 0.0 <= cfg.model.dropout < 1.0:

@@ -1,10 +1,18 @@
 """Sampling text from a trained GPT: temperature, top-k, a prompt.
 
-The decode step is one jitted function of fixed shapes: the model always sees a
-``[B, block_size]`` window of the latest tokens (left-aligned, ``length`` of them
-valid), so it compiles once for every prompt, number of tokens, temperature
-and top-k. There is no KV cache: each token runs the model over the window,
-which is cheap next to training for the models this library targets.
+Two decoders, each one jitted function of fixed shapes that compiles once for
+every prompt, number of tokens, temperature and top-k:
+
+- **KV cache** (models with ``init_cache`` / ``decode`` methods, such as
+  :class:`jaxtrain.models.GPT`): one position per call, attending to the cached
+  keys and values of the earlier ones, while the sequence fits ``block_size``.
+- **Sliding window** (any model mapping ``[B, T]`` tokens to ``[B, T, V]``
+  logits, and a GPT once the sequence is longer than ``block_size``, since its
+  learned positions shift): the model runs over a ``[B, block_size]`` window of
+  the latest tokens (left-aligned, ``length`` of them valid).
+
+Both give the same tokens for the same seed (token ``i`` is drawn with
+``fold_in(key(seed), i)``).
 
 Example::
 
@@ -61,6 +69,19 @@ def _decode_step(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, wi
     return window_BT, jnp.minimum(length + 1, T), token_B
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _cached_step(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, cache: PyTree, token_B: jax.Array,
+                 pos: jax.Array, seed: jax.Array, index: jax.Array, temperature: jax.Array,
+                 top_k: jax.Array) -> tuple[PyTree, jax.Array]:
+    """Feed ``token_B`` at position ``pos`` through the model's KV cache; pick the next token.
+
+    Returns ``(cache, next_token_B)``; the next token's key is ``fold_in(key(seed), index)``.
+    """
+    model = nnx.merge(graphdef, params, model_state)
+    logits_BV, cache = model.decode(token_B, pos, cache)
+    return cache, pick(logits_BV, jax.random.fold_in(jax.random.key(seed), index), temperature, top_k)
+
+
 def pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array) -> jax.Array:
     """Sample int32 ``[B]`` from logits ``[B, V]`` with temperature and top-k (traced scalars).
 
@@ -77,30 +98,53 @@ def pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: ja
 
 def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt: np.ndarray, *,
              tokens: int, block_size: int, temperature: float = 1.0, top_k: int = 0,
-             seed: int = 0, num_samples: int = 1) -> np.ndarray:
+             seed: int = 0, num_samples: int = 1, kv_cache: Optional[bool] = None) -> np.ndarray:
     """Continue ``prompt`` (1-D token ids) by ``tokens`` tokens, ``num_samples`` times.
 
     Only the last ``block_size`` prompt tokens are seen; an empty prompt starts
     at ``"\\n"``. Returns the new tokens, int32 ``[num_samples, tokens]``.
-    Tokens are collected on the device and fetched once at the end. The first
-    call gets host (numpy) inputs only, so under a multi-process mesh every
-    process passes identical values and JAX treats them as replicated.
+    ``kv_cache``: decode through the model's KV cache while the sequence fits
+    ``block_size`` (None: when the model has ``init_cache`` and ``decode``;
+    False: always the sliding window). Tokens are collected on the device and
+    fetched once at the end. The first call of each decoder gets host (numpy)
+    inputs only, so under a multi-process mesh every process passes identical
+    values and JAX treats them as replicated.
     """
     prompt = np.asarray(prompt, dtype=np.int32).reshape(-1)
     if prompt.size == 0:
         prompt = _START.astype(np.int32)
     prompt = prompt[-block_size:]
-    window = np.zeros((num_samples, block_size), np.int32)
-    window[:, : prompt.size] = prompt
-    length, seed = np.int32(prompt.size), np.int32(seed)
-    temperature, top_k = np.float32(temperature), np.int32(top_k)
-    out = []
-    for i in range(tokens):
-        window, length, token_B = _decode_step(graphdef, params, model_state, window, length, seed,
-                                               np.int32(i), temperature, top_k)
-        out.append(token_B)
-    if not out:
+    seed, temperature, top_k = np.int32(seed), np.float32(temperature), np.int32(top_k)
+    if tokens <= 0:
         return np.zeros((num_samples, 0), np.int32)
+    model = nnx.merge(graphdef, params, model_state)
+    if kv_cache is None:
+        kv_cache = callable(getattr(model, "init_cache", None)) and callable(getattr(model, "decode", None))
+    out: list = []
+    if kv_cache:
+        # Positions 0 .. block_size-1 through the cache: the prompt (all but its last
+        # token only fill the cache), then one generated token per position.
+        cache = model.init_cache(num_samples)
+        for pos, tok in enumerate(prompt[:-1]):
+            cache, _ = _cached_step(graphdef, params, model_state, cache, np.full(num_samples, tok, np.int32),
+                                    np.int32(pos), seed, np.int32(0), temperature, top_k)
+        token_B = np.full(num_samples, prompt[-1], np.int32)
+        for pos in range(prompt.size - 1, min(block_size, prompt.size - 1 + tokens)):
+            cache, token_B = _cached_step(graphdef, params, model_state, cache, token_B, np.int32(pos), seed,
+                                          np.int32(len(out)), temperature, top_k)
+            out.append(token_B)
+        del cache
+    if len(out) < tokens:  # the sliding window: from the start, or once the sequence outgrew block_size
+        window = np.zeros((num_samples, block_size), np.int32)
+        window[:, : prompt.size] = prompt
+        length = np.int32(prompt.size)
+        if out:  # continue from the cached decoding: the window is the latest block_size tokens
+            seq = np.concatenate([np.repeat(prompt[None], num_samples, 0), np.stack(jax.device_get(out), 1)], 1)
+            window, length = seq[:, -block_size:].astype(np.int32), np.int32(block_size)
+        for i in range(len(out), tokens):
+            window, length, token_B = _decode_step(graphdef, params, model_state, window, length, seed,
+                                                   np.int32(i), temperature, top_k)
+            out.append(token_B)
     return np.stack(jax.device_get(out), axis=1)
 
 

@@ -63,6 +63,9 @@ def test_config_is_frozen():
     ("log.peak_flops=-1", ["log.peak_flops=-1", "> 0"]),
     ("train.sample_top_k=-3", ["train.sample_top_k=-3", ">= 0"]),
     ("train.steps", ["'train.steps'", "key=value"]),
+    ("run_dir=", ["run_dir=''", "must not be empty"]),
+    ("data.source=", ["data.source=''", "must not be empty"]),
+    ("data.val_source=''", ["data.val_source=''", "must not be empty"]),
 ])
 def test_bad_overrides_raise_one_line_naming_the_key(override, needles):
     args = ["--config", str(ROOT / "configs/tiny.yaml"), override]
@@ -117,3 +120,8 @@ def test_builtin_defaults_are_the_default_config():
 
     shipped = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
     assert config.load(None) == config.load(shipped)
+
+
+def test_an_empty_text_override_is_the_empty_string_and_an_optional_one_is_none():
+    cfg = config.load(None, ["train.sample_prompt=", "data.val_source=", "data.glob=*.md"])
+    assert cfg.train.sample_prompt == "" and cfg.data.val_source is None and cfg.data.glob == "*.md"

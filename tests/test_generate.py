@@ -97,12 +97,12 @@ def test_greedy_decode_equals_reference_through_the_sliding_window(model_parts, 
 def test_decode_compiles_once_for_any_prompt_length_temperature_and_top_k(model_parts):
     prompt = data.encode("def f(x):")
     generate.generate(*model_parts, prompt, tokens=2, block_size=BLOCK)  # warm up this model's shapes
-    before = generate._decode_step._cache_size()
+    before = generate._decode_step._cache_size(), generate._cached_step._cache_size()
     for p, n, t, k, seed in [("", 3, 0.0, 0, 1), ("x" * 50, 7, 1.3, 5, 2), ("import os\n", 1, 0.7, 1, 3)]:
         out = generate.generate(*model_parts, data.encode(p), tokens=n, block_size=BLOCK, temperature=t,
                                 top_k=k, seed=seed)
         assert out.shape == (1, n)
-    assert generate._decode_step._cache_size() == before
+    assert (generate._decode_step._cache_size(), generate._cached_step._cache_size()) == before
 
 
 def test_top1_is_deterministic_and_equals_greedy(model_parts):
@@ -139,3 +139,31 @@ def test_cli_without_a_checkpoint_fails_in_one_line(tmp_path):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and "nothing" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("prompt_len, n", [(1, 10), (5, 30), (16, 3)])
+def test_kv_cache_and_sliding_window_draw_the_same_samples(model_parts, prompt_len, n):
+    prompt = np.random.default_rng(prompt_len).integers(0, 256, prompt_len)
+    kw = dict(tokens=n, block_size=BLOCK, temperature=1.0, top_k=0, seed=5, num_samples=3)
+    cached = generate.generate(*model_parts, prompt, kv_cache=True, **kw)
+    window = generate.generate(*model_parts, prompt, kv_cache=False, **kw)
+    np.testing.assert_array_equal(cached, window)
+    assert not np.array_equal(cached[0], cached[1])  # three different samples, not one repeated
+
+
+def test_a_model_without_a_cache_uses_the_sliding_window():
+    class Bigram(nnx.Module):  # any tokens -> logits model
+        def __init__(self, rngs):
+            self.table = nnx.Embed(256, 256, rngs=rngs)
+
+        def __call__(self, tokens_BT):
+            return self.table(tokens_BT)
+
+    graphdef, params, rest = nnx.split(Bigram(nnx.Rngs(0)), nnx.Param, ...)
+    out = generate.generate(graphdef, params, rest, data.encode("ab"), tokens=5, block_size=8, temperature=0.0)
+    table = np.asarray(params["table"]["embedding"][...])
+    want, tok = [], data.encode("b")[0]
+    for _ in range(5):
+        tok = int(table[tok].argmax())
+        want.append(tok)
+    np.testing.assert_array_equal(out[0], want)

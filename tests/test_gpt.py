@@ -114,3 +114,18 @@ def test_remat_does_not_change_the_forward():
     ref = forward(GPT(CFG, rngs=nnx.Rngs(0)), x)
     np.testing.assert_allclose(forward(GPT(dataclasses.replace(CFG, remat=True), rngs=nnx.Rngs(0)), x), ref, rtol=1e-6,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(bias=False, tie_embeddings=False), dict(dtype="bfloat16")])
+def test_decode_with_the_kv_cache_equals_the_full_forward(variant):
+    cfg = GPTConfig(vocab_size=48, block_size=8, n_layer=2, n_head=2, n_embd=16, **variant)
+    model = GPT(cfg, rngs=nnx.Rngs(1))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 48, (3, 8)), jnp.int32)
+    full = np.asarray(forward(model, tokens))
+    step = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
+    cache, logits = model.init_cache(3), []
+    for pos in range(8):
+        out, cache = step(model, tokens[:, pos], jnp.int32(pos), cache)
+        logits.append(np.asarray(out))
+    tol = 3e-2 if variant.get("dtype") == "bfloat16" else 1e-5
+    np.testing.assert_allclose(np.stack(logits, axis=1), full, atol=tol, rtol=tol)

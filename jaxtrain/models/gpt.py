@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxtrain.config import ModelConfig as GPTConfig
@@ -65,6 +66,23 @@ class CausalSelfAttention(nnx.Module):
                                                   implementation=self.implementation)
         y_BTC = _dense_2d(self.c_proj, y_BTNH.reshape(B, T, C))
         return self.resid_dropout(y_BTC, deterministic=deterministic, rngs=rngs)
+
+
+    def decode(self, x_BC: jax.Array, pos: jax.Array, k_BNTH: jax.Array, v_BNTH: jax.Array):
+        """One position of incremental decoding: ``(y_BC, k_BNTH, v_BNTH)`` with this token's key/value at ``pos``.
+
+        The caches hold the keys and values of positions ``< pos``; position
+        ``pos`` attends to them and to itself, as in :func:`_causal_attention`.
+        """
+        B, C = x_BC.shape
+        N, T = self.n_head, k_BNTH.shape[2]
+        q_BNH, k_BNH, v_BNH = jnp.unstack(self.c_attn(x_BC).reshape(B, 3, N, C // N), axis=1)
+        k_BNTH = jax.lax.dynamic_update_index_in_dim(k_BNTH, k_BNH.astype(k_BNTH.dtype), pos, axis=2)
+        v_BNTH = jax.lax.dynamic_update_index_in_dim(v_BNTH, v_BNH.astype(v_BNTH.dtype), pos, axis=2)
+        logits_BNT = jnp.einsum("bnh,bnth->bnt", q_BNH, k_BNTH).astype(jnp.float32) / math.sqrt(C // N)
+        probs_BNT = jax.nn.softmax(jnp.where(jnp.arange(T) <= pos, logits_BNT, -jnp.inf), axis=-1)
+        y_BNH = jnp.einsum("bnt,bnth->bnh", probs_BNT.astype(v_BNTH.dtype), v_BNTH)
+        return self.c_proj(y_BNH.reshape(B, C)), k_BNTH, v_BNTH
 
 
 def _dense_2d(layer: nnx.Linear, x: jax.Array) -> jax.Array:
@@ -121,6 +139,13 @@ class Block(nnx.Module):
         x_BTC = x_BTC + self.attn(self.ln_1(x_BTC).astype(dtype), rngs=rngs, deterministic=deterministic)
         return x_BTC + self.mlp(self.ln_2(x_BTC).astype(dtype), rngs=rngs, deterministic=deterministic)
 
+    def decode(self, x_BC, pos, cache):
+        """:meth:`__call__` for one position (no dropout); ``cache`` is this block's ``(k_BNTH, v_BNTH)``."""
+        dtype = x_BC.dtype
+        y_BC, k_BNTH, v_BNTH = self.attn.decode(self.ln_1(x_BC).astype(dtype), pos, *cache)
+        x_BC = x_BC + y_BC
+        return x_BC + self.mlp(self.ln_2(x_BC).astype(dtype), rngs=None, deterministic=True), (k_BNTH, v_BNTH)
+
 
 class GPT(nnx.Module):
     """nanoGPT-architecture language model.
@@ -161,6 +186,11 @@ class GPT(nnx.Module):
                 x_BTC = nnx.remat(lambda b, x, r: b(x, rngs=r, deterministic=deterministic))(block, x_BTC, rngs)
             else:
                 x_BTC = block(x_BTC, rngs=rngs, deterministic=deterministic)
+        return self._logits(x_BTC)
+
+    def _logits(self, x_BTC: jax.Array) -> jax.Array:
+        """Final LayerNorm and the (tied or separate) head: float32 logits ``[..., V]``."""
+        cfg, dtype = self.config, _dtype(self.config)
         x_BTC = self.ln_f(x_BTC).astype(dtype)
         if self.lm_head is None:
             x_MC = x_BTC.reshape(-1, cfg.n_embd)  # 2-D for the same reason as _dense_2d
@@ -168,6 +198,30 @@ class GPT(nnx.Module):
         else:
             logits_BTV = _dense_2d(self.lm_head, x_BTC)
         return logits_BTV.astype(jnp.float32)
+
+    def init_cache(self, batch: int) -> list:
+        """Zero key/value caches for :meth:`decode`: per block ``(k, v)``, each ``[B, N, block_size, H]``.
+
+        NumPy arrays (in the compute dtype), so the first decode call treats them
+        as replicated host values, also in a multi-process run.
+        """
+        cfg = self.config
+        shape = (batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        return [(np.zeros(shape, _dtype(cfg)), np.zeros(shape, _dtype(cfg))) for _ in range(cfg.n_layer)]
+
+    def decode(self, token_B: jax.Array, pos: jax.Array, cache: list) -> tuple[jax.Array, list]:
+        """Incremental decoding: float32 logits ``[B, V]`` after ``token_B`` at position ``pos``, and the cache.
+
+        Equals ``self(tokens)[:, pos]`` for the sequence whose first ``pos``
+        tokens filled ``cache`` (from :meth:`init_cache`), one call per position;
+        ``pos < block_size``. Deterministic (no dropout).
+        """
+        x_BC = (self.wte(token_B) + self.wpe(pos)).astype(_dtype(self.config))
+        new_cache = []
+        for block, layer_cache in zip(self.h, cache):
+            x_BC, layer_cache = block.decode(x_BC, pos, layer_cache)
+            new_cache.append(layer_cache)
+        return self._logits(x_BC), new_cache
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; like nanoGPT, position embeddings are excluded by default."""
