@@ -57,12 +57,22 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see python -m jaxtrain.run --help")
 
 
-class _Terminated(BaseException):
-    """SIGTERM outside the training loop (the loop handles it itself); a BaseException like KeyboardInterrupt."""
+def _stop_outside_loop(signum: int, frame=None) -> None:
+    """SIGINT / SIGTERM outside the training loop (which handles them itself): one line, then exit at once.
 
-
-def _raise_terminated(signum, frame):
-    raise _Terminated()
+    Nothing is left to save here (checkpoints are written only inside the loop),
+    so the handler ends the process itself rather than raising: an exception
+    raised while Python runs a garbage-collection callback, as JAX registers
+    one, would be printed and ignored, and the run would go on. ``os._exit``
+    also skips the interpreter shutdown, which crashes (SIGSEGV) when an XLA
+    compilation was cut short and left native threads behind.
+    """
+    name, code = (("SIGTERM", TERMINATED_EXIT_CODE) if signum == signal.SIGTERM
+                  else ("interrupted", INTERRUPTED_EXIT_CODE))
+    print(f"{name}: stopped outside the training loop; committed checkpoints are kept, "
+          "run the same command again to resume", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,21 +122,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(usage())
         return 0
     main_thread = _in_main_thread()  # only the main thread can install signal handlers
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _stop_outside_loop) for sig in stops} if main_thread else {}
     try:
         return _run(argv)
-    except (KeyboardInterrupt, _Terminated) as e:  # outside the training loop (imports, data, compile, plot)
-        name, code = ("SIGTERM", TERMINATED_EXIT_CODE) if isinstance(e, _Terminated) else \
-            ("interrupted", INTERRUPTED_EXIT_CODE)
-        print(f"{name}: stopped outside the training loop; committed checkpoints are kept, "
-              "run the same command again to resume", file=sys.stderr, flush=True)
-        # Exit at once, as a second Ctrl-C in the loop does: an XLA compilation cut short leaves
-        # native threads behind, and a normal interpreter shutdown then crashes (SIGSEGV).
-        sys.stdout.flush()
-        os._exit(code)
+    except KeyboardInterrupt:  # raised by code rather than by the handler (e.g. a library re-raising it)
+        _stop_outside_loop(signal.SIGINT)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _in_main_thread() -> bool:
