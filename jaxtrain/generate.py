@@ -149,7 +149,7 @@ def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt
 
 
 def sample_text(state, prompt: str, *, tokens: int, temperature: float = 1.0, top_k: int = 0,
-                seed: int = 0, num_samples: int = 1) -> list[str]:
+                seed: int = 0, num_samples: int = 1, kv_cache: Optional[bool] = None) -> list[str]:
     """``prompt`` + generated text from a :class:`~jaxtrain.state.TrainState` of a byte-level GPT.
 
     Returns ``num_samples`` strings (invalid UTF-8 at a cut becomes U+FFFD).
@@ -157,7 +157,7 @@ def sample_text(state, prompt: str, *, tokens: int, temperature: float = 1.0, to
     block_size = state.model().config.block_size
     new = generate(state.graphdef, state.params, state.model_state, data.encode(prompt), tokens=tokens,
                    block_size=block_size, temperature=temperature, top_k=top_k, seed=seed,
-                   num_samples=num_samples)
+                   num_samples=num_samples, kv_cache=kv_cache)
     return [prompt + data.decode(row) for row in new]
 
 

@@ -213,13 +213,21 @@ def train(cfg: Config) -> Summary:
     mngr = checkpoint.manager(cfg.run_dir, cfg.checkpoint)
     try:
         state, start, resumed = _initial_state(run, mngr)
-        generate.sample_text(state, cfg.train.sample_prompt, tokens=1)  # compile decoding outside the loop
+        _compile_sampling(run, state)
         if run.is_main and start < cfg.train.steps:  # a finished run's files stay as they are
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run_dir) / CONFIG_FILE).write_text(to_yaml(cfg))
         return _loop(run, mngr, state, start, resumed, t0)
     finally:
         mngr.close()  # waits for an asynchronous save to commit
+
+
+def _compile_sampling(run: Run, state: TrainState) -> None:
+    """Compile the decoders the samples will use now, so no compilation happens inside the loop."""
+    tc = run.cfg.train
+    generate.sample_text(state, tc.sample_prompt, tokens=1)  # the KV-cache decoder (GPT) or the window
+    if len(data.encode(tc.sample_prompt)) + tc.sample_tokens > run.cfg.model.block_size:
+        generate.sample_text(state, tc.sample_prompt, tokens=1, kv_cache=False)  # past block_size: the window
 
 
 def _due(done: int, every: int, total: int) -> bool:
