@@ -45,6 +45,9 @@ class TrainState:
         """
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+        if isinstance(rng, (bool, np.bool_)) or not (
+                isinstance(rng, (int, np.integer)) or isinstance(rng, jax.Array)):
+            raise TypeError(f"TrainState.create: rng must be an int seed or a jax.random.key, got {rng!r}")
         if isinstance(rng, (int, np.integer)):  # numpy ints too, e.g. a seed taken from an array
             rng = jax.random.key(rng)
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,

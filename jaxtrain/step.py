@@ -21,6 +21,7 @@ Options (bind them with ``functools.partial`` before jitting): a custom
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import jax
@@ -109,7 +110,7 @@ def _loss_and_grads(state: TrainState, batch: Batch, rng: jax.Array, loss_fn: Lo
 
     def f(params):
         model = nnx.merge(state.graphdef, _cast_floats(params, compute_dtype), state.model_state)
-        loss, aux = loss_fn(model, _cast_floats(batch, compute_dtype), rng)
+        loss, aux = _call_loss(loss_fn, model, _cast_floats(batch, compute_dtype), rng)
         new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return loss.astype(jnp.float32), (aux, new_model_state)
 
@@ -120,6 +121,20 @@ def _loss_and_grads(state: TrainState, batch: Batch, rng: jax.Array, loss_fn: Lo
         # already summed); the explicit pmean in train_step then averages them.
         params = jax.tree.map(lambda p: jax.lax.pcast(p, axis_name, to="varying"), params)
     return jax.value_and_grad(f, has_aux=True)(params)
+
+
+def _call_loss(loss_fn: LossFn, model: nnx.Module, batch: Batch, rng: Optional[jax.Array]):
+    """``(scalar loss, aux dict)`` from ``loss_fn``, which may also return the loss alone."""
+    out = loss_fn(model, batch, rng)
+    loss, aux = out if isinstance(out, (tuple, list)) and len(out) == 2 else (out, {})
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    if not hasattr(loss, "shape") or loss.shape != ():
+        raise ValueError(f"loss_fn {name} must return a scalar loss or (scalar loss, aux dict); got a loss of "
+                         f"shape {getattr(loss, 'shape', type(loss).__name__)} (take .mean() over the batch)")
+    if not isinstance(aux, Mapping):
+        raise ValueError(f"loss_fn {name} returned aux of type {type(aux).__name__}; it must be a dict of "
+                         "scalar metrics, e.g. (loss, {'accuracy': acc}), or return the loss alone")
+    return loss, aux
 
 
 def _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name):
@@ -191,7 +206,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
       state: the :class:`TrainState` (step, params, opt_state, rng, model_state).
       batch: a pytree of arrays with a leading batch axis (for the default
         ``lm_loss``: ``{"inputs": int[B, T], "targets": int[B, T]}``).
-      loss_fn: ``loss_fn(model, batch, rng) -> (scalar loss, aux dict)``.
+      loss_fn: ``loss_fn(model, batch, rng) -> (scalar loss, aux dict)``, or the
+        scalar loss alone.
       grad_accum: split the batch into this many microbatches and average their
         gradients in a ``lax.scan`` (same gradient as the full batch, less memory).
       axis_name: a mapped axis (``jax.pmap`` / ``jax.shard_map``) over which loss,
@@ -215,6 +231,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
       ``param_norm``, ``nonfinite``, ``lr`` (when the optimizer injects it) and
       any ``aux`` entries of the loss.
     """
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, (int, np.integer)) or grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum!r}: must be a positive integer (microbatches per step)")
     rng = jax.random.fold_in(state.rng, state.step)
     if diagnostics:
         loss_fn = diag.with_sown_stats(loss_fn)
@@ -249,6 +267,6 @@ def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss,
     model the way it is trained.
     """
     model = state.model(_cast_floats(state.params, compute_dtype))
-    loss, aux = loss_fn(model, _cast_floats(batch, compute_dtype), None)
+    loss, aux = _call_loss(loss_fn, model, _cast_floats(batch, compute_dtype), None)
     metrics = dict(aux, loss=loss.astype(jnp.float32))
     return jax.lax.pmean(metrics, axis_name) if axis_name is not None else metrics

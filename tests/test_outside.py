@@ -277,3 +277,49 @@ def test_an_empty_config_flag_value_is_one_line(capsys):
     assert run.main(["--config="]) == run.EXIT_USER_ERROR
     assert capsys.readouterr().err == ("error: --config got an empty value; give a YAML file, "
                                        "e.g. --config configs/tiny.yaml\n")
+
+
+class _Regressor(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(3, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.lin(x)[:, 0]
+
+
+def _mse_only(model, batch, rng):  # research code often returns the loss alone
+    x, y = batch
+    return jnp.mean((model(x) - y) ** 2)
+
+
+def _regression():
+    x = np.random.default_rng(0).random((8, 3), np.float32)
+    tx = make_optimizer(OptimConfig(lr=1e-1, schedule="constant", warmup_steps=0))
+    return TrainState.create(_Regressor(nnx.Rngs(0)), tx, rng=0), (x, x.sum(1))
+
+
+@pytest.mark.parametrize("grad_accum, diagnostics", [(1, False), (2, True)])
+def test_a_loss_fn_may_return_the_loss_alone(grad_accum, diagnostics):
+    state, batch = _regression()
+    step = jax.jit(functools.partial(train_step, loss_fn=_mse_only, grad_accum=grad_accum, diagnostics=diagnostics))
+    first = float(eval_step(state, batch, loss_fn=_mse_only)["loss"])
+    for _ in range(10):
+        state, metrics = step(state, batch)
+    assert float(eval_step(state, batch, loss_fn=_mse_only)["loss"]) < first / 2
+    assert set(metrics) >= {"loss", "grad_norm", "lr"}
+
+
+@pytest.mark.parametrize("loss_fn, kwargs, message", [
+    (lambda m, b, r: ((m(b[0]) - b[1]) ** 2, {}), {}, "must return a scalar loss .* shape \\(8,\\)"),
+    (lambda m, b, r: (_mse_only(m, b, r), 3.0), {}, "returned aux of type float; it must be a dict"),
+    (_mse_only, {"grad_accum": 0}, "grad_accum=0: must be a positive integer"),
+])
+def test_loss_fn_and_grad_accum_mistakes_are_named(loss_fn, kwargs, message):
+    state, batch = _regression()
+    with pytest.raises(ValueError, match=message):
+        train_step(state, batch, loss_fn=loss_fn, **kwargs)
+
+
+def test_trainstate_rng_must_be_a_seed_or_a_key():
+    with pytest.raises(TypeError, match="rng must be an int seed or a jax.random.key, got None"):
+        TrainState.create(_Regressor(nnx.Rngs(0)), optax.adam(1e-3), rng=None)
