@@ -323,3 +323,25 @@ def test_loss_fn_and_grad_accum_mistakes_are_named(loss_fn, kwargs, message):
 def test_trainstate_rng_must_be_a_seed_or_a_key():
     with pytest.raises(TypeError, match="rng must be an int seed or a jax.random.key, got None"):
         TrainState.create(_Regressor(nnx.Rngs(0)), optax.adam(1e-3), rng=None)
+
+
+def test_a_custom_model_trainstate_round_trips_through_plain_orbax(tmp_path):
+    import orbax.checkpoint as ocp
+
+    state = TrainState.create(_BatchNormNet(nnx.Rngs(0)), optax.adamw(1e-2), rng=3)
+    x = np.random.default_rng(0).random((8, 4), np.float32)
+    batch = {"x": x, "y": x.sum(1)}
+    for _ in range(3):
+        state, _ = train_step(state, batch, loss_fn=_bn_loss)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "ckpt", state)
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(tmp_path / "ckpt", jax.eval_shape(lambda: state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # and training goes on identically from either
+    np.testing.assert_array_equal(train_step(state, batch, loss_fn=_bn_loss)[1]["loss"],
+                                  train_step(restored, batch, loss_fn=_bn_loss)[1]["loss"])
