@@ -288,7 +288,8 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
             log.write(row)
             if preempt:
                 mngr.wait_until_finished()
-                raise signals.Preempted(f"stopped by {stop.requested} after step {done}: checkpoint saved in "
+                why = stop.requested or "a stop signal to another process"  # several processes stop together
+                raise signals.Preempted(f"stopped by {why} after step {done}: checkpoint saved in "
                                         f"'{mngr.directory}'; run the same command again to resume")
             clock.start()
         # -- at-end

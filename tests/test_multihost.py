@@ -18,10 +18,12 @@ the launches keeps the test to two compilations (one per process layout).
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,19 +84,25 @@ class Launch:
         return "\n".join(f"--- process {i} (last lines):\n" + "\n".join(self.output(i).splitlines()[-15:])
                          for i in range(len(self.procs)))
 
-    def wait(self) -> "Launch":
+    def kill(self) -> None:
+        # SIGKILL: a process stuck in a collective may never reach a point that handles SIGTERM.
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def wait_codes(self) -> list[int]:
+        """The exit codes, once every process ended; fails the test (killing them) after TIMEOUT_S."""
         try:
             for p in self.procs:
                 p.wait(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            # SIGKILL: jax.distributed installs a SIGTERM handler (preemption notice),
-            # so a process stuck in a collective ignores a plain terminate.
-            for p in self.procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+            self.kill()
             pytest.fail(f"{len(self.procs)}-process run did not finish in {TIMEOUT_S}s (hang?)\n{self._tails()}")
-        codes = [p.returncode for p in self.procs]
+        return [p.returncode for p in self.procs]
+
+    def wait(self) -> "Launch":
+        codes = self.wait_codes()
         assert codes == [0] * len(codes), f"exit codes {codes}\n{self._tails()}"
         return self
 
@@ -182,3 +190,26 @@ def test_sigterm_keeps_its_handler_across_distributed_initialize(tmp_path, handl
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(tmp_path), timeout=120,
                        capture_output=True, text=True)
     assert p.returncode == code, p.stderr[-2000:]
+
+
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint_and_they_resume(tmp_path):
+    """A scheduler's SIGTERM may reach one process first: all of them must save the same step and exit 75."""
+    cache, run = tmp_path / "compilation-cache", tmp_path / "P"
+    launch = Launch(run, 2, 100_000, cache)  # far more steps than it will run
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + TIMEOUT_S
+    while not (metrics.exists() and metrics.read_text().strip()):  # training is under way
+        if time.monotonic() > deadline or any(p.poll() is not None for p in launch.procs):
+            launch.kill()
+            pytest.fail(f"the 2-process run did not start training\n{launch._tails()}")
+        time.sleep(0.2)
+    launch.procs[1].send_signal(signal.SIGTERM)
+    codes = launch.wait_codes()
+    assert codes == [75, 75], f"exit codes {codes}\n{launch._tails()}"
+    stopped = [re.search(r"stopped by (.+) after step (\d+): checkpoint saved", launch.output(i)) for i in (0, 1)]
+    assert all(stopped), launch._tails()
+    assert stopped[1].group(1) == "SIGTERM" and stopped[0].group(1) == "a stop signal to another process"
+    step = int(stopped[0].group(2))
+    assert int(stopped[1].group(2)) == step and (run / "checkpoints" / str(step)).is_dir()
+    resumed = Launch(run, 2, step + 10, cache).wait()
+    assert f"resuming from step {step}" in resumed.output(0)
+    assert max(row["step"] for row in _metrics(run)) == step + 10
