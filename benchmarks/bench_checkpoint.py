@@ -30,20 +30,12 @@ from pathlib import Path
 
 import jax
 
-from jaxtrain import checkpoint, loop
+from bench_loop import bare_round as steps_round, state_and_batches  # benchmarks/ is on sys.path
+from jaxtrain import checkpoint
 from jaxtrain import config as config_lib
+from jaxtrain import loop
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def steps_round(run: loop.Run, state, batches: list, steps: int):
-    """``(seconds, state)`` for ``steps`` back-to-back steps of the compiled step."""
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        state, metrics = run.train_step(state, batches[i % len(batches)])
-    jax.block_until_ready((state, metrics))
-    return time.perf_counter() - t0, state
 
 
 def timed_save(mngr, state, cfg) -> tuple[float, float]:
@@ -71,9 +63,7 @@ def main() -> None:
     try:
         cfg = config_lib.load(args.config, [f"run_dir={tmp / 'run'}", *args.overrides])
         run = loop.setup(cfg)
-        shardings = jax.tree.map(lambda x: x.sharding, run.abstract_state)
-        state = jax.jit(run.make_state, out_shardings=shardings)()
-        batches = [run.place(run.batch(i)) for i in range(4)]
+        state, batches = state_and_batches(run)
         mngr = checkpoint.manager(cfg.run_dir, config_lib.replace(cfg, checkpoint=dict(
             async_save=True, keep=2, keep_every=None)).checkpoint)
         _, state = steps_round(run, state, batches, 2)  # warm up: first dispatch, Orbax, the finite check

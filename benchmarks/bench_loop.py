@@ -35,6 +35,13 @@ from jaxtrain import loop
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def state_and_batches(run: loop.Run, n: int = 4):
+    """A fresh state in the run's shardings and ``n`` batches already on the devices."""
+    shardings = jax.tree.map(lambda x: x.sharding, run.abstract_state)
+    state = jax.jit(run.make_state, out_shardings=shardings)()
+    return state, [run.place(run.batch(i)) for i in range(n)]
+
+
 def bare_round(run: loop.Run, state, batches: list, steps: int):
     """``(seconds, state)`` for ``steps`` back-to-back calls of the compiled step."""
     jax.block_until_ready(state)
@@ -60,9 +67,7 @@ def main() -> None:
     tokens = args.steps * cfg.train.batch_size * cfg.model.block_size
 
     run = loop.setup(cfg)
-    shardings = jax.tree.map(lambda x: x.sharding, run.abstract_state)
-    state = jax.jit(run.make_state, out_shardings=shardings)()
-    batches = [run.place(run.batch(i)) for i in range(4)]
+    state, batches = state_and_batches(run)
     _, state = bare_round(run, state, batches, 2)  # first dispatches: allocations, thread pools
 
     train_tps, e2e_tps, bare_tps = [], [], []

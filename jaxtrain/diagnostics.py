@@ -176,8 +176,7 @@ def with_sown_stats(loss_fn: Callable) -> Callable:
 
     def wrapped(model: nnx.Module, batch, rng):
         model.set_attributes(sow_stats=True, raise_if_not_found=False)
-        out, sown = nnx.capture(loss_fn, nnx.Intermediate)(model, batch, rng)
-        loss, aux = out if isinstance(out, (tuple, list)) and len(out) == 2 else (out, {})  # loss alone is allowed
+        (loss, aux), sown = nnx.capture(loss_fn, nnx.Intermediate)(model, batch, rng)
         return loss, {**aux, **sown_stats(sown)}
 
     return wrapped

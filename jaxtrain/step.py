@@ -20,6 +20,7 @@ Options (bind them with ``functools.partial`` before jitting): a custom
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
@@ -234,8 +235,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
     if isinstance(grad_accum, bool) or not isinstance(grad_accum, (int, np.integer)) or grad_accum < 1:
         raise ValueError(f"grad_accum={grad_accum!r}: must be a positive integer (microbatches per step)")
     rng = jax.random.fold_in(state.rng, state.step)
-    if diagnostics:
-        loss_fn = diag.with_sown_stats(loss_fn)
+    if diagnostics:  # the wrapper adds to aux: give it (loss, aux) also from a loss_fn returning the loss alone
+        loss_fn = diag.with_sown_stats(functools.partial(_call_loss, loss_fn))
     loss, aux, model_state, grads = _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name)
     if axis_name is not None:
         loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
