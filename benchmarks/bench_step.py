@@ -55,7 +55,7 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- bench_step: begin -->", "<!-- bench_step: end -->"
-SIDES = ("jaxtrain", "jax", "torch", "torch.compile")
+SIDES = ("jaxtrain", "jaxtrain-xla", "jax", "torch", "torch.compile")
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _tokens(size: Size):
     return x[:, :-1], x[:, 1:]
 
 
-def _jaxtrain_side(size: Size):
+def _jaxtrain_side(size: Size, matmul: str = "auto"):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -108,7 +108,7 @@ def _jaxtrain_side(size: Size):
     from jaxtrain.models import GPT, GPTConfig
 
     model = GPT(GPTConfig(vocab_size=size.vocab, block_size=size.block, n_layer=size.n_layer,
-                          n_head=size.n_head, n_embd=size.n_embd), rngs=nnx.Rngs(0))
+                          n_head=size.n_head, n_embd=size.n_embd, matmul=matmul), rngs=nnx.Rngs(0))
     flops = model.flops_per_token()
     tx = make_optimizer(OptimConfig(lr=size.lr, schedule="constant", warmup_steps=0, b1=0.9, b2=0.95,
                                     eps=1e-8, weight_decay=0.1, max_grad_norm=1.0))
@@ -215,6 +215,8 @@ def _make_side(side: str, size: Size):
     match side:
         case "jaxtrain":
             return _jaxtrain_side(size)
+        case "jaxtrain-xla":  # the same step with XLA's own dots instead of MKL's (model.matmul=xla)
+            return _jaxtrain_side(size, matmul="xla")
         case "jax":
             return _jax_side(size)
         case "torch" | "torch.compile":
@@ -236,7 +238,7 @@ def worker(side: str, size: Size, warmup: int, matmul_n: int) -> None:
     rss0 = _rss_mb()
     run, compile_s, info = _make_side(side, size)
     run(warmup)
-    lib = {"jaxtrain": "jax", "jax": None, "torch": "torch", "torch.compile": None, "numpy": "numpy"}[side]
+    lib = {"jaxtrain": "jax", "jaxtrain-xla": None, "jax": None, "torch": "torch", "torch.compile": None, "numpy": "numpy"}[side]
     reply = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
     reply(ready=True, compile_s=compile_s, rss_after_import_mb=rss0, **info)
     for line in sys.stdin:

@@ -40,6 +40,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
     remat: bool = False  # recompute each block in the backward to save memory
     attention: str = "xla"  # dot_product_attention implementation: xla | cudnn
+    matmul: str = "auto"  # float32 matmuls on one CPU device: auto (MKL when available) | blas | xla
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class Config:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ("xla", "cudnn"),
+    "model.matmul": ("auto", "blas", "xla"),
     "data.token_dtype": ("uint16", "uint32"),
     "optim.schedule": ("constant", "cosine", "wsd"),
 }

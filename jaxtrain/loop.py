@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtrain import checkpoint, data, diagnostics, generate, metrics, parallel, signals
+from jaxtrain import blas, checkpoint, data, diagnostics, generate, metrics, parallel, signals
 from jaxtrain.config import Config, ConfigError, to_yaml
 from jaxtrain.models import GPT
 from jaxtrain.optim import make_optimizer
@@ -126,6 +126,13 @@ def _check_devices(cfg: Config) -> None:
     if cfg.model.attention == "cudnn" and platform != "gpu":
         raise ConfigError(f"model.attention='cudnn' needs NVIDIA GPUs but this run has {platform} devices; "
                           "use model.attention=xla")
+    if cfg.model.matmul == "blas":
+        why = blas.why_not(jnp.zeros((), cfg.model.dtype))
+        if why is None and jax.device_count() != 1:
+            why = f"it runs each product on one device and this run has {jax.device_count()}"
+        if why is not None:
+            raise ConfigError(f"model.matmul='blas' cannot run here: {why}; use model.matmul=auto (the BLAS "
+                              "where it can run, else XLA) or model.matmul=xla")
 
 
 def _abstract_batch(batch_size: int, block_size: int, mesh: Mesh) -> dict:
@@ -316,13 +323,20 @@ def _nonfinite_stop(run: Run, state: TrainState, watch: signals.NonFiniteWatch, 
         f"checkpointed (last checkpoint: {'none' if last is None else f'step {last}'})")
 
 
+def _matmul_backend(cfg: Config) -> str:
+    if cfg.model.matmul == "xla":
+        return "XLA (model.matmul=xla)"
+    return blas.describe(cfg.model.dtype)
+
+
 def _announce(run: Run, log: metrics.MetricsLog, resumed: Optional[str]) -> None:
     cfg, c = run.cfg, run.corpus
     n_params = sum(x.size for x in jax.tree.leaves(run.abstract_state.params))
     log.echo(f"run_dir {cfg.run_dir} | GPT {n_params / 1e6:.2f}M params | corpus '{c.name}': "
              f"{len(c.train):,} train / {len(c.val):,} val tokens, unigram entropy {run.baseline:.4f} | "
              f"mesh data={run.mesh.shape[parallel.DATA]} fsdp={run.mesh.shape[parallel.FSDP]} "
-             f"on {jax.device_count()} {jax.devices()[0].platform} devices")
+             f"on {jax.device_count()} {jax.devices()[0].platform} devices"
+             + (f" | matmuls {_matmul_backend(cfg)}" if jax.devices()[0].platform == "cpu" else ""))
     if resumed:
         log.echo(resumed)
 

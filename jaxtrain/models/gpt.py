@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtrain import blas
 from jaxtrain.config import ModelConfig as GPTConfig
 from jaxtrain.diagnostics import attention_logit_stats
 
@@ -29,6 +30,20 @@ _STD = 0.02  # GPT-2 initialisation
 def _dense(cfg: GPTConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float = _STD) -> nnx.Linear:
     return nnx.Linear(d_in, d_out, use_bias=cfg.bias, kernel_init=nnx.initializers.normal(std),
                       bias_init=nnx.initializers.zeros, dtype=_dtype(cfg), rngs=rngs)
+
+
+def _use_blas(cfg: GPTConfig) -> bool | None:
+    """``use_blas`` for :func:`jaxtrain.blas.matmul`: None decides per call (float32 on one CPU device)."""
+    return {"auto": None, "blas": True, "xla": False}[cfg.matmul]
+
+
+def _blas_on(use_blas: bool | None, *operands: jax.Array) -> bool:
+    """Resolve ``use_blas`` for these operands; True when the BLAS path cannot run raises, saying why."""
+    if use_blas is None:
+        return blas.enabled(*operands)
+    if use_blas and (why := blas.why_not(*operands)) is not None:
+        raise RuntimeError(f"model.matmul='blas' but the BLAS matmul cannot run: {why}")
+    return use_blas
 
 
 def _dtype(cfg: GPTConfig):
@@ -44,6 +59,7 @@ class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         self.n_head = cfg.n_head
         self.implementation = None if cfg.attention == "xla" else cfg.attention
+        self.use_blas = _use_blas(cfg)
         self.c_attn = _dense(cfg, cfg.n_embd, 3 * cfg.n_embd, rngs)
         self.c_proj = _dense(cfg, cfg.n_embd, cfg.n_embd, rngs, std=_STD / math.sqrt(2 * cfg.n_layer))
         self.resid_dropout = nnx.Dropout(cfg.dropout)
@@ -54,17 +70,17 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x_BTC: jax.Array, *, rngs: nnx.Rngs | None, deterministic: bool) -> jax.Array:
         B, T, C = x_BTC.shape
-        qkv_BT3NH = _dense_2d(self.c_attn, x_BTC).reshape(B, T, 3, self.n_head, C // self.n_head)
+        qkv_BT3NH = _dense_2d(self.c_attn, x_BTC, self.use_blas).reshape(B, T, 3, self.n_head, C // self.n_head)
         if self.sow_stats:
             for name, value in attention_logit_stats(qkv_BT3NH[:, :, 0], qkv_BT3NH[:, :, 1]).items():
                 self.sow(nnx.Intermediate, name, value)
         if self.implementation is None:
             rate = 0.0 if deterministic else self.dropout
-            y_BTNH = _causal_attention(qkv_BT3NH, rate, rngs)
+            y_BTNH = _causal_attention(qkv_BT3NH, rate, rngs, self.use_blas)
         else:  # a fused kernel (cudnn); it has no dropout
             y_BTNH = jax.nn.dot_product_attention(*jnp.unstack(qkv_BT3NH, axis=2), is_causal=True,
                                                   implementation=self.implementation)
-        y_BTC = _dense_2d(self.c_proj, y_BTNH.reshape(B, T, C))
+        y_BTC = _dense_2d(self.c_proj, y_BTNH.reshape(B, T, C), self.use_blas)
         return self.resid_dropout(y_BTC, deterministic=deterministic, rngs=rngs)
 
 
@@ -85,34 +101,51 @@ class CausalSelfAttention(nnx.Module):
         return self.c_proj(y_BNH.reshape(B, C)), k_BNTH, v_BNTH
 
 
-def _dense_2d(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+def _dense_2d(layer: nnx.Linear, x: jax.Array, use_blas: bool | None = False) -> jax.Array:
     """``layer(x)`` computed as one 2-D matmul over ``x.reshape(-1, d_in)``.
 
     With a ``[B, T, C]`` input the weight gradient contracts over two axes (B
     and T) and XLA:CPU first copies the activations into a transposed layout;
     on ``[B * T, C]`` (a free reshape) every forward and backward dot is a
-    plain matmul that reads its operands in place.
+    plain matmul that reads its operands in place. Float32 products on one
+    CPU device go to the BLAS (:mod:`jaxtrain.blas`) unless ``use_blas`` is False.
     """
-    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+    x_MK = x.reshape(-1, x.shape[-1])
+    kernel = layer.kernel[...]
+    if _blas_on(use_blas, x_MK, kernel):
+        y_MN = blas.matmul(x_MK, kernel, use_blas=True)
+        if layer.bias is not None:
+            y_MN = y_MN + layer.bias[...]
+    else:
+        y_MN = layer(x_MK)
+    return y_MN.reshape(*x.shape[:-1], -1)
 
 
-def _causal_attention(qkv_BT3NH: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+def _causal_attention(qkv_BT3NH: jax.Array, rate: float, rngs: nnx.Rngs | None,
+                      use_blas: bool | None = False) -> jax.Array:
     """Causal softmax attention on fused ``[B, T, 3, N, H]`` q/k/v -> ``[B, T, N, H]``.
 
     Heads move in front of time once (``[3, B, N, T, H]``), so all attention
     matmuls, forward and backward, are batched over leading ``(B, N)`` axes;
     on ``[B, T, N, H]`` operands XLA:CPU wraps each of them in transposing
     copies. ``rate > 0`` applies dropout to the probabilities (``rngs`` must
-    then hold a ``dropout`` stream).
+    then hold a ``dropout`` stream). With ``use_blas`` (see :func:`_dense_2d`)
+    the two products are batched BLAS calls.
     """
     q_BNTH, k_BNTH, v_BNTH = qkv_BT3NH.transpose(2, 0, 3, 1, 4)
     T, H = q_BNTH.shape[2], q_BNTH.shape[3]
-    logits_BNTS = jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNTH).astype(jnp.float32) / math.sqrt(H)
+    use_blas = _blas_on(use_blas, q_BNTH)
+    if use_blas:
+        logits_BNTS = blas.matmul(q_BNTH, k_BNTH, transpose_b=True, use_blas=True) / math.sqrt(H)
+    else:
+        logits_BNTS = jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNTH).astype(jnp.float32) / math.sqrt(H)
     causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
     probs_BNTS = jax.nn.softmax(jnp.where(causal_TS, logits_BNTS, -jnp.inf), axis=-1)
     if rate > 0.0:
         keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, probs_BNTS.shape)
         probs_BNTS = jnp.where(keep, probs_BNTS / (1.0 - rate), 0.0)
+    if use_blas:
+        return blas.matmul(probs_BNTS, v_BNTH, use_blas=True).transpose(0, 2, 1, 3)
     return jnp.einsum("bnts,bnsh->btnh", probs_BNTS.astype(v_BNTH.dtype), v_BNTH)
 
 
@@ -121,10 +154,11 @@ class MLP(nnx.Module):
         self.c_fc = _dense(cfg, cfg.n_embd, 4 * cfg.n_embd, rngs)
         self.c_proj = _dense(cfg, 4 * cfg.n_embd, cfg.n_embd, rngs, std=_STD / math.sqrt(2 * cfg.n_layer))
         self.dropout = nnx.Dropout(cfg.dropout)
+        self.use_blas = _use_blas(cfg)
 
     def __call__(self, x_BTC, *, rngs, deterministic):
-        h_BTF = jax.nn.gelu(_dense_2d(self.c_fc, x_BTC), approximate=False)  # exact GELU, as torch.nn.GELU()
-        return self.dropout(_dense_2d(self.c_proj, h_BTF), deterministic=deterministic, rngs=rngs)
+        h_BTF = jax.nn.gelu(_dense_2d(self.c_fc, x_BTC, self.use_blas), approximate=False)  # exact, as torch's
+        return self.dropout(_dense_2d(self.c_proj, h_BTF, self.use_blas), deterministic=deterministic, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -194,9 +228,11 @@ class GPT(nnx.Module):
         x_BTC = self.ln_f(x_BTC).astype(dtype)
         if self.lm_head is None:
             x_MC = x_BTC.reshape(-1, cfg.n_embd)  # 2-D for the same reason as _dense_2d
-            logits_BTV = (x_MC @ self.wte.embedding[...].astype(dtype).T).reshape(*x_BTC.shape[:-1], -1)
+            wte_VC = self.wte.embedding[...].astype(dtype)
+            logits_MV = blas.matmul(x_MC, wte_VC, transpose_b=True, use_blas=_blas_on(_use_blas(cfg), x_MC, wte_VC))
+            logits_BTV = logits_MV.reshape(*x_BTC.shape[:-1], -1)
         else:
-            logits_BTV = _dense_2d(self.lm_head, x_BTC)
+            logits_BTV = _dense_2d(self.lm_head, x_BTC, _use_blas(cfg))
         return logits_BTV.astype(jnp.float32)
 
     def init_cache(self, batch: int) -> list:
