@@ -127,7 +127,9 @@ def _jaxtrain_side(size: Size, matmul: str = "auto"):
         jax.block_until_ready((s, metrics))
         holder[0] = s
 
-    return run, compile_s, {"flops_per_token": flops}
+    from jaxtrain import blas
+
+    return run, compile_s, {"flops_per_token": flops, "matmuls": "XLA" if matmul == "xla" else blas.describe()}
 
 
 def _jax_side(size: Size):
@@ -264,7 +266,11 @@ class Worker:
         self.side = side
         cmd = [sys.executable, __file__, "--worker", side, "--size", json.dumps(dataclasses.asdict(args.size)),
                "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        # One device per worker, as a training run on this machine has: drop any fake-device count
+        # (the tests set one), which would also keep jaxtrain's matmuls off MKL.
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+        env = dict(os.environ, XLA_FLAGS=" ".join(flags))
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -370,7 +376,9 @@ def markdown(summary: dict, raw: dict, args: argparse.Namespace, extras: dict) -
         f"{args.warmup} warm-up steps; {summary['flops_per_token'] / 1e6:.1f} MFLOP per token  ",
         "fp32 matmul peak, " + f"{args.matmul}^3, best of 10 per round: " + ", ".join(
             f"{k} {v:.0f} GFLOP/s" for k, v in summary["peaks"].items())
-        + f"; MFU below is against the best, {summary['peak']:.0f} GFLOP/s",
+        + f"; MFU below is against the best, {summary['peak']:.0f} GFLOP/s  ",
+        "Matmuls of the jaxtrain sides: " + ", ".join(
+            f"{k} {v['matmuls']}" for k, v in raw["info"].items() if "matmuls" in v),
         "",
         "| side | tokens/s | vs PyTorch eager | model GFLOP/s | MFU | step ms (min-max) | compile s | peak RSS MB (+ over imports) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -441,7 +449,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.rounds, args.steps, args.warmup, args.matmul, args.pause = 1, 1, 1, 128, 0.0
         args.no_extras = True
         if "--sides" not in (sys.argv if argv is None else argv):
-            args.sides = "jaxtrain,jax,torch"
+            args.sides = "jaxtrain,jaxtrain-xla,jax,torch"
     else:
         args.size = FULL
     if args.worker is None:

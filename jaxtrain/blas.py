@@ -7,7 +7,7 @@ optional transpose of the last two axes, any number of leading batch axes)
 as one ``cblas_sgemm`` / ``cblas_sgemm_batch_strided`` call inside the
 jitted program, through a small C++ FFI handler (``_blas_gemm.cc``). It is
 differentiable (reverse mode: every gradient is again such a call, with the
-transposes folded into BLAS flags, so no operand is ever copied).
+transposes passed to BLAS as flags instead of being materialised).
 
 Where it applies by default: float32 operands in a process with one CPU
 device. Everywhere else (GPUs, bfloat16, several devices, where sharded
@@ -20,8 +20,8 @@ this package pulls it in); the handler is compiled on first use with the
 system's ``c++`` against the FFI headers that ship with jaxlib (~3 s) and
 cached in ``~/.cache/jaxtrain/ext`` (``$JAXTRAIN_EXT_CACHE`` overrides).
 ``JAXTRAIN_BLAS`` may also name a CBLAS shared library to use instead of MKL
-(it must export ``cblas_sgemm``; ``cblas_sgemm_batch_strided`` is used when
-present).
+(with the 32-bit-integer LP64 interface; it must export ``cblas_sgemm``, and
+``cblas_sgemm_batch_strided`` is used when present).
 
 Threads: MKL runs each product on its own OpenMP threads (one per core;
 ``MKL_NUM_THREADS`` overrides), which go to sleep as soon as a product ends
@@ -88,10 +88,14 @@ def _compile_handler() -> Path:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         raise _Unavailable("no C++ compiler found (set CXX or install g++) to build the BLAS handler")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build into a temporary name and rename: concurrent processes never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Build into a temporary name and rename: concurrent processes never load a half-written file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+    except OSError as e:
+        raise _Unavailable(f"cannot write the BLAS handler to {out.parent} ({e}); set {EXT_CACHE_ENV} "
+                           "to a writable directory") from None
     cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}", str(_SOURCE), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

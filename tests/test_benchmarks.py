@@ -22,7 +22,10 @@ def test_bench_step_smoke_measures_every_side_and_writes_results(tmp_path):
     results.write_text(f"# Results\n\nnotes before\n\n{bench_step.BEGIN}\nold numbers\n{bench_step.END}\n\nnotes after\n")
     summary = bench_step.main(["--smoke", "--write", str(results), "--json", str(tmp_path / "raw.json")])
     rows = summary["rows"]
-    assert set(rows) == {"jaxtrain", "jax", "torch"}
+    assert set(rows) == {"jaxtrain", "jaxtrain-xla", "jax", "torch"}
+    info = json.loads((tmp_path / "raw.json").read_text())["raw"]["info"]
+    # the workers run on one device, so the default jaxtrain side takes MKL's matmuls
+    assert (info["jaxtrain"]["matmuls"], info["jaxtrain-xla"]["matmuls"]) == ("MKL", "XLA")
     for side, r in rows.items():
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"], (side, r)
         assert r["peak_rss_mb"] >= r["rss_delta_mb"] > 0, (side, r)
@@ -56,7 +59,7 @@ def test_reported_flops_per_token_match_the_model(size):
 def test_unknown_side_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         bench_step.parse_args(["--sides", "jaxtrain,tensorflow"])
-    assert "--sides tensorflow: choose from jaxtrain,jax,torch,torch.compile" in capsys.readouterr().err
+    assert "--sides tensorflow: choose from jaxtrain,jaxtrain-xla,jax,torch,torch.compile" in capsys.readouterr().err
 
 
 def test_bench_gpu_smoke_runs_on_cpu():

@@ -215,3 +215,16 @@ def test_handler_is_rebuilt_into_an_empty_cache(tmp_path):
     r = _python(code, {"JAXTRAIN_EXT_CACHE": str(tmp_path)})
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # no temporary file left behind
+
+
+def test_unwritable_build_directory_falls_back_and_names_it(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = """
+        from jaxtrain import blas
+        print(blas.status())
+    """
+    r = _python(code, {"JAXTRAIN_EXT_CACHE": str(blocker / "ext")})
+    assert r.returncode == 0, r.stderr
+    assert "False" in r.stdout and f"cannot write the BLAS handler to {blocker / 'ext'}" in r.stdout
+    assert "JAXTRAIN_EXT_CACHE" in r.stdout
