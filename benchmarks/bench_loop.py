@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 
 from jaxtrain import config as config_lib
-from jaxtrain import loop
+from jaxtrain import loop, perf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="rounds of (loop, bare)")
     p.add_argument("overrides", nargs="*", help="config key=value")
     args = p.parse_args()
+    perf.keep_freed_memory()  # as `python -m jaxtrain.run` does (perf.configure), for both sides
     cfg = config_lib.load(args.config, [f"train.steps={args.steps}", "log.progress=false", *args.overrides])
     tokens = args.steps * cfg.train.batch_size * cfg.model.block_size
 

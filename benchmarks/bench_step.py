@@ -230,6 +230,12 @@ def _make_side(side: str, size: Size):
 
 def worker(side: str, size: Size, warmup: int, matmul_n: int) -> None:
     """Serve commands on stdin: ``run N`` (time N steps), ``peak`` (matmul GFLOP/s), ``quit``."""
+    if side.startswith("jaxtrain"):
+        # jaxtrain's process setting (perf.configure, applied by `python -m jaxtrain.run`) that
+        # must come before XLA starts its threads; the compilation cache stays off here.
+        from jaxtrain import perf
+
+        perf.keep_freed_memory()
     import numpy  # noqa: F401  (the framework imports come first, so the RSS baseline includes them)
 
     if side.startswith("torch"):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -228,3 +229,18 @@ def test_unwritable_build_directory_falls_back_and_names_it(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "False" in r.stdout and f"cannot write the BLAS handler to {blocker / 'ext'}" in r.stdout
     assert "JAXTRAIN_EXT_CACHE" in r.stdout
+
+
+@needs_blas
+def test_cli_run_on_one_device_trains_with_mkl(tmp_path):
+    """The real command on one CPU device: the header names MKL and the tiny config learns."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "jaxtrain.run", "--config", str(root / "configs" / "tiny.yaml"),
+                        f"run_dir={tmp_path / 'run'}", "log.progress=false"], capture_output=True, text=True,
+                       cwd=root, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    header = next(line for line in r.stdout.splitlines() if line.startswith("run_dir "))
+    assert header.endswith("on 1 cpu devices | matmuls MKL"), header
+    done = next(line for line in r.stdout.splitlines() if line.startswith("done: 40 steps"))
+    val, baseline = (float(done.split(key)[1].split()[0].rstrip(")")) for key in ("final val loss ", "baseline "))
+    assert val < baseline - 0.3, done

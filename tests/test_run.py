@@ -49,6 +49,8 @@ def test_tiny_run_learns_and_writes_its_run_dir(tiny_run):
     assert sorted(val) == [20, 40]  # eval_every=20; the last step always
     assert val[40] < val[20]
 
+    header = next(line for line in r.stdout.splitlines() if line.startswith("run_dir "))
+    assert header.endswith("on 8 cpu devices | matmuls XLA (the BLAS path is for one device; this process has 8)")
     summary = _summary(r.stdout)
     assert summary.startswith("done: 40 steps") and f"final val loss {val[40]:.4f}" in summary
     baseline = float(summary.split("unigram baseline ")[1].split(")")[0])
@@ -102,6 +104,10 @@ BAD_INPUTS = {
     "bad choice": (lambda tmp: ["model.dtype=float8"], ["model.dtype='float8'", "float32, bfloat16, float16"]),
     "batch does not split": (lambda tmp: ["train.batch_size=12"], ["train.batch_size=12", "divisible"]),
     "changed model on resume": (lambda tmp: ["model.n_layer=3"], ["model.n_layer", "saved 2", "now 3"]),
+    "BLAS matmuls in bfloat16": (lambda tmp: ["model.matmul=blas", "model.dtype=bfloat16"],
+                                 ["model.matmul='blas'", "not bfloat16", "model.matmul=auto"]),
+    "BLAS matmuls on 8 devices": (lambda tmp: ["model.matmul=blas"],
+                                  ["model.matmul='blas'", "this run has 8", "model.matmul=xla"]),
 }
 
 
