@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from jaxlib import version as _jaxlib_version
 
-__all__ = ["matmul", "status", "enabled", "why_not", "describe", "BLAS_ENV"]
+__all__ = ["matmul", "status", "enabled", "why_not", "resolve", "describe", "BLAS_ENV"]
 
 BLAS_ENV = "JAXTRAIN_BLAS"
 EXT_CACHE_ENV = "JAXTRAIN_EXT_CACHE"
@@ -153,29 +153,40 @@ def status() -> tuple[bool, str]:
         return False, str(e)
 
 
-def why_not(*arrays: jax.Array) -> Optional[str]:
-    """None if :func:`matmul` can run these operands on the BLAS path, else the reason it cannot."""
+def why_not(*arrays: jax.Array, devices: bool = False) -> Optional[str]:
+    """None if :func:`matmul` can run these operands on the BLAS path, else the reason it cannot.
+
+    ``devices=True`` also requires a process with one device, as the default
+    (``use_blas=None``) does: under a multi-device sharding XLA would gather
+    the operands of a custom call onto every device.
+    """
     dtypes = {str(jnp.result_type(a)) for a in arrays}
     if dtypes - {"float32"}:
         return f"the BLAS matmul takes float32 operands, not {', '.join(sorted(dtypes - {'float32'}))}"
+    if devices and jax.device_count() != 1:
+        return f"the BLAS path runs each product on one device and this process has {jax.device_count()}"
     ok, why = status()
     return None if ok else why
 
 
 def enabled(*arrays: jax.Array) -> bool:
-    """Whether :func:`matmul` on these operands takes the BLAS path by default (``use_blas=None``).
+    """Whether :func:`matmul` on these operands takes the BLAS path by default (``use_blas=None``)."""
+    return why_not(*arrays, devices=True) is None
 
-    Only in a process with one device: under a multi-device sharding XLA would
-    gather the operands of a custom call onto every device.
-    """
-    return jax.device_count() == 1 and why_not(*arrays) is None
+
+def resolve(use_blas: Optional[bool], *arrays: jax.Array, setting: str = "use_blas=True") -> bool:
+    """``use_blas`` made definite for these operands: None means :func:`enabled`; True when the
+    BLAS path cannot run raises ``RuntimeError`` naming ``setting`` and the reason."""
+    if use_blas is None:
+        return enabled(*arrays)
+    if use_blas and (why := why_not(*arrays)) is not None:
+        raise RuntimeError(f"{setting} but the BLAS matmul cannot run: {why}")
+    return bool(use_blas)
 
 
 def describe(dtype: str = "float32") -> str:
     """Which library runs a model's matmuls by default in this process, for a run's header line."""
-    why = why_not(jnp.zeros((), dtype))
-    if why is None and jax.device_count() != 1:
-        why = f"the BLAS path is for one device; this process has {jax.device_count()}"
+    why = why_not(jnp.zeros((), dtype), devices=True)
     if why is not None:
         return f"XLA ({why})"
     return "MKL" if "mkl" in status()[1].lower() else f"BLAS ({status()[1]})"
@@ -234,11 +245,7 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b
     if k_a != k_b:
         raise ValueError(f"matmul contraction sizes differ: {a.shape} (transpose_a={transpose_a}) and "
                          f"{b.shape} (transpose_b={transpose_b})")
-    if use_blas is None:
-        use_blas = enabled(a, b)
-    elif use_blas and (why := why_not(a, b)) is not None:
-        raise RuntimeError(f"use_blas=True but the BLAS matmul cannot run: {why}")
-    if use_blas:
+    if resolve(use_blas, a, b):
         return _blas_matmul(a, b, transpose_a, transpose_b)
     if transpose_a:
         a = jnp.swapaxes(a, -1, -2)

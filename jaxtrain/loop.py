@@ -126,13 +126,9 @@ def _check_devices(cfg: Config) -> None:
     if cfg.model.attention == "cudnn" and platform != "gpu":
         raise ConfigError(f"model.attention='cudnn' needs NVIDIA GPUs but this run has {platform} devices; "
                           "use model.attention=xla")
-    if cfg.model.matmul == "blas":
-        why = blas.why_not(jnp.zeros((), cfg.model.dtype))
-        if why is None and jax.device_count() != 1:
-            why = f"it runs each product on one device and this run has {jax.device_count()}"
-        if why is not None:
-            raise ConfigError(f"model.matmul='blas' cannot run here: {why}; use model.matmul=auto (the BLAS "
-                              "where it can run, else XLA) or model.matmul=xla")
+    if cfg.model.matmul == "blas" and (why := blas.why_not(jnp.zeros((), cfg.model.dtype), devices=True)):
+        raise ConfigError(f"model.matmul='blas' cannot run here: {why}; use model.matmul=auto (the BLAS "
+                          "where it can run, else XLA) or model.matmul=xla")
 
 
 def _abstract_batch(batch_size: int, block_size: int, mesh: Mesh) -> dict:

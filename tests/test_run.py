@@ -50,7 +50,8 @@ def test_tiny_run_learns_and_writes_its_run_dir(tiny_run):
     assert val[40] < val[20]
 
     header = next(line for line in r.stdout.splitlines() if line.startswith("run_dir "))
-    assert header.endswith("on 8 cpu devices | matmuls XLA (the BLAS path is for one device; this process has 8)")
+    assert header.endswith("on 8 cpu devices | matmuls XLA (the BLAS path runs each product on one device "
+                           "and this process has 8)")
     summary = _summary(r.stdout)
     assert summary.startswith("done: 40 steps") and f"final val loss {val[40]:.4f}" in summary
     baseline = float(summary.split("unigram baseline ")[1].split(")")[0])
@@ -107,7 +108,7 @@ BAD_INPUTS = {
     "BLAS matmuls in bfloat16": (lambda tmp: ["model.matmul=blas", "model.dtype=bfloat16"],
                                  ["model.matmul='blas'", "not bfloat16", "model.matmul=auto"]),
     "BLAS matmuls on 8 devices": (lambda tmp: ["model.matmul=blas"],
-                                  ["model.matmul='blas'", "this run has 8", "model.matmul=xla"]),
+                                  ["model.matmul='blas'", "one device and this process has 8", "model.matmul=xla"]),
 }
 
 

@@ -38,12 +38,7 @@ def _use_blas(cfg: GPTConfig) -> bool | None:
 
 
 def _blas_on(use_blas: bool | None, *operands: jax.Array) -> bool:
-    """Resolve ``use_blas`` for these operands; True when the BLAS path cannot run raises, saying why."""
-    if use_blas is None:
-        return blas.enabled(*operands)
-    if use_blas and (why := blas.why_not(*operands)) is not None:
-        raise RuntimeError(f"model.matmul='blas' but the BLAS matmul cannot run: {why}")
-    return use_blas
+    return blas.resolve(use_blas, *operands, setting="model.matmul='blas'")
 
 
 def _dtype(cfg: GPTConfig):
