@@ -5,7 +5,7 @@ MKL's sgemm on a GPT's shapes, and its batched attention dots 25-50%
 (``benchmarks/RESULTS.md``). :func:`matmul` runs ``op(a) @ op(b)`` (``op`` an
 optional transpose of the last two axes, any number of leading batch axes)
 as one ``cblas_sgemm`` / ``cblas_sgemm_batch_strided`` call inside the
-jitted program, through a small C++ FFI handler (``_blas_gemm.cc``). It is
+jitted program, through a small C++ FFI handler (``_cpu_kernels.cc``). It is
 differentiable (reverse mode: every gradient is again such a call, with the
 transposes passed to BLAS as flags instead of being materialised).
 
@@ -52,7 +52,15 @@ __all__ = ["matmul", "status", "enabled", "why_not", "resolve", "describe", "BLA
 BLAS_ENV = "JAXTRAIN_BLAS"
 EXT_CACHE_ENV = "JAXTRAIN_EXT_CACHE"
 _TARGET = "jaxtrain_blas_gemm"
-_SOURCE = Path(__file__).with_name("_blas_gemm.cc")
+# FFI target -> handler symbol in _cpu_kernels.cc (the fused kernels are used by jaxtrain.fused)
+_HANDLERS = {
+    _TARGET: "JaxtrainGemm",
+    "jaxtrain_attention_fwd": "JaxtrainAttentionFwd",
+    "jaxtrain_attention_bwd": "JaxtrainAttentionBwd",
+    "jaxtrain_gelu_fwd": "JaxtrainGeluFwd",
+    "jaxtrain_gelu_bwd": "JaxtrainGeluBwd",
+}
+_SOURCE = Path(__file__).with_name("_cpu_kernels.cc")
 
 
 class _Unavailable(RuntimeError):
@@ -77,12 +85,24 @@ def _build_dir() -> Path:
     return Path(os.environ.get(EXT_CACHE_ENV, "~/.cache/jaxtrain/ext")).expanduser()
 
 
+def _cpu_id() -> str:
+    """The CPU's model and feature flags (Linux), or the platform's machine name elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+        return platform.machine() + platform.processor()
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+
+
 def _compile_handler() -> Path:
     """The FFI handler as a shared library, compiled once per source and jaxlib version."""
     include = jax.ffi.include_dir()
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + _jaxlib_version.__version__.encode() + include.encode()).hexdigest()[:16]
-    out = _build_dir() / f"blas_gemm-{key}.so"
+    # -march=native: the build is for this CPU, so the CPU is part of the key.
+    key = hashlib.sha256(source + _jaxlib_version.__version__.encode() + include.encode()
+                         + _cpu_id().encode()).hexdigest()[:16]
+    out = _build_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
         return out
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -96,7 +116,8 @@ def _compile_handler() -> Path:
     except OSError as e:
         raise _Unavailable(f"cannot write the BLAS handler to {out.parent} ({e}); set {EXT_CACHE_ENV} "
                            "to a writable directory") from None
-    cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}", str(_SOURCE), "-o", tmp]
+    cmd = [compiler, "-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w",
+           f"-I{include}", str(_SOURCE), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
@@ -133,9 +154,13 @@ def _setup() -> str:
     except AttributeError:
         raise _Unavailable(f"{blas_path} exports no cblas_sgemm") from None
     batched = ctypes.cast(getattr(blas, "cblas_sgemm_batch_strided", None) or 0, ctypes.c_void_p)
+    # MKL's per-thread thread count lets the fused kernels run one single-threaded
+    # BLAS call per pool thread; without it they run their blocks one after another.
+    threads_local = ctypes.cast(getattr(blas, "MKL_Set_Num_Threads_Local", None) or 0, ctypes.c_void_p)
     handler = ctypes.CDLL(str(_compile_handler()))
-    handler.jaxtrain_gemm_set(sgemm, batched)
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler.JaxtrainGemm), platform="cpu")
+    handler.jaxtrain_gemm_set(sgemm, batched, threads_local)
+    for target, symbol in _HANDLERS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handler, symbol)), platform="cpu")
     return blas_path
 
 

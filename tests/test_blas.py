@@ -149,12 +149,13 @@ def test_gpt_matmul_blas_refuses_bfloat16_and_auto_picks_blas_for_float32_on_one
         for dtype in ("float32", "bfloat16"):
             model = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=1, n_head=2, n_embd=32, dtype=dtype),
                         rngs=nnx.Rngs(0))
-            print(dtype, nnx.jit(lambda m, t: m(t)).lower(model, tokens).as_text().count("jaxtrain_blas_gemm"))
+            hlo = nnx.jit(lambda m, t: m(t)).lower(model, tokens).as_text()
+            print(dtype, *(hlo.count(t) for t in ("jaxtrain_blas_gemm", "jaxtrain_attention_fwd", "jaxtrain_gelu_fwd")))
     """
     r = _python(code, {"XLA_FLAGS": ""})
     assert r.returncode == 0, r.stderr
-    # float32, one layer: qkv, proj, fc, fc-proj, two attention products and the tied head
-    assert r.stdout.split() == ["float32", "7", "bfloat16", "0"]
+    # float32, one layer: qkv, proj, fc, fc-proj and the tied head; the fused attention and bias + GELU
+    assert r.stdout.split() == ["float32", "5", "1", "1", "bfloat16", "0", "0", "0"]
 
 
 def _python(code: str, env: dict) -> subprocess.CompletedProcess:

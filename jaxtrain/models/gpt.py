@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtrain import blas
+from jaxtrain import blas, fused
 from jaxtrain.config import ModelConfig as GPTConfig
 from jaxtrain.diagnostics import attention_logit_stats
 
@@ -71,7 +71,10 @@ class CausalSelfAttention(nnx.Module):
                 self.sow(nnx.Intermediate, name, value)
         if self.implementation is None:
             rate = 0.0 if deterministic else self.dropout
-            y_BTNH = _causal_attention(qkv_BT3NH, rate, rngs, self.use_blas)
+            if rate == 0.0 and _blas_on(self.use_blas, qkv_BT3NH):
+                y_BTNH = fused.causal_attention(qkv_BT3NH, use_fused=True)  # one FFI kernel (MKL)
+            else:
+                y_BTNH = _causal_attention(qkv_BT3NH, rate, rngs, self.use_blas)
         else:  # a fused kernel (cudnn); it has no dropout
             y_BTNH = jax.nn.dot_product_attention(*jnp.unstack(qkv_BT3NH, axis=2), is_causal=True,
                                                   implementation=self.implementation)
@@ -96,7 +99,7 @@ class CausalSelfAttention(nnx.Module):
         return self.c_proj(y_BNH.reshape(B, C)), k_BNTH, v_BNTH
 
 
-def _dense_2d(layer: nnx.Linear, x: jax.Array, use_blas: bool | None = False) -> jax.Array:
+def _dense_2d(layer: nnx.Linear, x: jax.Array, use_blas: bool | None = False, gelu: bool = False) -> jax.Array:
     """``layer(x)`` computed as one 2-D matmul over ``x.reshape(-1, d_in)``.
 
     With a ``[B, T, C]`` input the weight gradient contracts over two axes (B
@@ -104,15 +107,22 @@ def _dense_2d(layer: nnx.Linear, x: jax.Array, use_blas: bool | None = False) ->
     on ``[B * T, C]`` (a free reshape) every forward and backward dot is a
     plain matmul that reads its operands in place. Float32 products on one
     CPU device go to the BLAS (:mod:`jaxtrain.blas`) unless ``use_blas`` is False.
+    ``gelu=True`` returns ``gelu(layer(x))`` (exact GELU); on the BLAS path the
+    bias add and the GELU are one fused kernel (:func:`jaxtrain.fused.bias_gelu`).
     """
     x_MK = x.reshape(-1, x.shape[-1])
     kernel = layer.kernel[...]
+    bias = None if layer.bias is None else layer.bias[...]
     if _blas_on(use_blas, x_MK, kernel):
         y_MN = blas.matmul(x_MK, kernel, use_blas=True)
-        if layer.bias is not None:
-            y_MN = y_MN + layer.bias[...]
+        if gelu:
+            y_MN = fused.bias_gelu(y_MN, bias, use_fused=True)
+        elif bias is not None:
+            y_MN = y_MN + bias
     else:
         y_MN = layer(x_MK)
+        if gelu:
+            y_MN = jax.nn.gelu(y_MN, approximate=False)  # exact, as torch's
     return y_MN.reshape(*x.shape[:-1], -1)
 
 
@@ -152,7 +162,7 @@ class MLP(nnx.Module):
         self.use_blas = _use_blas(cfg)
 
     def __call__(self, x_BTC, *, rngs, deterministic):
-        h_BTF = jax.nn.gelu(_dense_2d(self.c_fc, x_BTC, self.use_blas), approximate=False)  # exact, as torch's
+        h_BTF = _dense_2d(self.c_fc, x_BTC, self.use_blas, gelu=True)
         return self.dropout(_dense_2d(self.c_proj, h_BTF, self.use_blas), deterministic=deterministic, rngs=rngs)
 
 
@@ -206,7 +216,8 @@ class GPT(nnx.Module):
         T = idx_BT.shape[-1]
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's block_size={cfg.block_size}")
-        x_BTC = (self.wte(idx_BT) + self.wpe(jnp.arange(T))).astype(dtype)
+        # positions 0..T-1 as a slice, not a gather: its gradient is a plain sum over the batch
+        x_BTC = (self.wte(idx_BT) + self.wpe.embedding[:T]).astype(dtype)
         x_BTC = self.drop(x_BTC, deterministic=deterministic, rngs=rngs)
         for block in self.h:
             if cfg.remat:

@@ -1,0 +1,440 @@
+// jaxtrain: float32 CPU kernels as XLA FFI handlers (see jaxtrain/blas.py).
+//
+// JaxtrainGemm: C = op(A) op(B) over the last two axes (row-major, any number of leading
+// batch axes), op an optional transpose given by the trans_a / trans_b
+// attributes, as one CBLAS call: cblas_sgemm, or cblas_sgemm_batch_strided
+// when there are batch axes and the library has it. The functions' addresses
+// are handed in at load time (jaxtrain_gemm_set), so this file needs no BLAS
+// headers or link flags; the BLAS runs with its own threads.
+//
+// JaxtrainAttentionFwd / JaxtrainAttentionBwd: causal softmax attention of
+// one head at a time, read from and written to the fused [B, T, 3, N, H]
+// q/k/v layout (no transposes), in row blocks of kRows queries: only key
+// blocks at or before the query block are multiplied, the softmax never
+// leaves the cache, and the backward recomputes the probabilities from the
+// saved log-sum-exp (as FlashAttention does) instead of storing [B, N, T, T].
+// Heads are spread over XLA's intra-op thread pool, each BLAS call then runs
+// single-threaded (mkl_set_num_threads_local).
+//
+// JaxtrainGeluFwd / JaxtrainGeluBwd: h = gelu(y + b) (exact, erf-based) and
+// its backward du = dh * gelu'(y + b), db = sum of du over rows, each in one
+// pass over memory.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+extern "C" {
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int,
+                         const float*, int, float, float*, int);
+typedef void (*sgemm_batch_strided_fn)(int, int, int, int, int, int, float,
+                                       const float*, int, int, const float*, int,
+                                       int, float, float*, int, int, int);
+}
+
+static sgemm_fn g_sgemm = nullptr;
+static sgemm_batch_strided_fn g_sgemm_batch = nullptr;
+
+typedef int (*set_threads_local_fn)(int);
+static set_threads_local_fn g_set_threads_local = nullptr;
+
+extern "C" void jaxtrain_gemm_set(void* sgemm, void* sgemm_batch_strided, void* set_threads_local) {
+  g_sgemm = reinterpret_cast<sgemm_fn>(sgemm);
+  g_sgemm_batch = reinterpret_cast<sgemm_batch_strided_fn>(sgemm_batch_strided);
+  g_set_threads_local = reinterpret_cast<set_threads_local_fn>(set_threads_local);
+}
+
+namespace {
+
+enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
+
+ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
+                    bool trans_a, bool trans_b) {
+  if (g_sgemm == nullptr) return ffi::Error::Internal("jaxtrain gemm: no sgemm was set");
+  auto da = a.dimensions(), db = b.dimensions();
+  const size_t r = da.size();
+  if (r < 2 || db.size() != r) return ffi::Error::InvalidArgument("jaxtrain gemm: operand ranks differ or are < 2");
+  int64_t batch = 1;
+  for (size_t i = 0; i + 2 < r; ++i) {
+    if (da[i] != db[i]) return ffi::Error::InvalidArgument("jaxtrain gemm: batch dimensions differ");
+    batch *= da[i];
+  }
+  const int64_t ar = da[r - 2], ac = da[r - 1], br = db[r - 2], bc = db[r - 1];
+  const int64_t m = trans_a ? ac : ar, k = trans_a ? ar : ac;
+  const int64_t n = trans_b ? br : bc, kb = trans_b ? bc : br;
+  if (k != kb) return ffi::Error::InvalidArgument("jaxtrain gemm: contraction sizes differ");
+  // CBLAS takes 32-bit sizes and strides (the LP64 interface).
+  const int64_t kMax = 2147483647;
+  if (ar * ac > kMax || br * bc > kMax || m * n > kMax || batch > kMax)
+    return ffi::Error::InvalidArgument("jaxtrain gemm: a matrix has more than 2^31 - 1 elements");
+  const float* pa = a.typed_data();
+  const float* pb = b.typed_data();
+  float* pc = c->typed_data();
+  if (m == 0 || n == 0 || batch == 0) return ffi::Error::Success();
+  if (k == 0) {  // an empty sum; BLAS may leave C unwritten
+    std::fill(pc, pc + batch * m * n, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int ta = trans_a ? kTrans : kNoTrans, tb = trans_b ? kTrans : kNoTrans;
+  if (batch == 1) {
+    g_sgemm(kRowMajor, ta, tb, m, n, k, 1.0f, pa, ac, pb, bc, 0.0f, pc, n);
+  } else if (g_sgemm_batch != nullptr) {
+    g_sgemm_batch(kRowMajor, ta, tb, m, n, k, 1.0f, pa, ac, ar * ac, pb, bc, br * bc, 0.0f, pc, n, m * n,
+                  static_cast<int>(batch));
+  } else {
+    for (int64_t i = 0; i < batch; ++i)
+      g_sgemm(kRowMajor, ta, tb, m, n, k, 1.0f, pa + i * ar * ac, ac, pb + i * br * bc, bc, 0.0f,
+              pc + i * m * n, n);
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// Work sharing on XLA's intra-op thread pool.
+
+// `total` chunks, taken by whichever thread asks next.
+struct Chunks {
+  explicit Chunks(int n) : total(n) {}
+  const int total;
+  std::atomic<int> next{0};
+  int done = 0;  // guarded by mu
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+template <typename F>
+void RunChunks(Chunks& c, const F& f) {
+  for (int i; (i = c.next.fetch_add(1)) < c.total;) {
+    f(i);
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (++c.done == c.total) c.cv.notify_all();
+  }
+}
+
+// f(0) ... f(n - 1) on this thread and on up to pool.num_threads() - 1 pool
+// threads, each chunk run with single-threaded BLAS. Only chunks already
+// started elsewhere are waited for, never queued tasks, so a busy pool cannot
+// deadlock it: a late task finds nothing left and returns. Without a way to
+// make the BLAS single-threaded per thread (a library other than MKL), the
+// chunks run here, one after another, with the BLAS's own threads.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int n, const F& f) {
+  const int helpers = g_set_threads_local == nullptr ? 0 : std::min<int64_t>(pool.num_threads(), n) - 1;
+  auto one_thread = [&f](Chunks& c) {
+    const int previous = g_set_threads_local(1);
+    RunChunks(c, f);
+    g_set_threads_local(previous);
+  };
+  if (helpers <= 0) {
+    if (g_set_threads_local != nullptr) {
+      Chunks c(n);
+      one_thread(c);
+    } else {
+      for (int i = 0; i < n; ++i) f(i);
+    }
+    return;
+  }
+  auto chunks = std::make_shared<Chunks>(n);
+  for (int t = 0; t < helpers; ++t) {
+    pool.Schedule([chunks, &one_thread]() {
+      if (chunks->next.load() >= chunks->total) return;
+      one_thread(*chunks);
+    });
+  }
+  one_thread(*chunks);
+  std::unique_lock<std::mutex> lock(chunks->mu);
+  chunks->cv.wait(lock, [&] { return chunks->done == chunks->total; });
+}
+
+// A scratch buffer per thread, reused across calls.
+float* Scratch(int which, size_t n) {
+  thread_local std::vector<float> buffers[2];
+  if (buffers[which].size() < n) buffers[which].resize(n);
+  return buffers[which].data();
+}
+
+// ---------------------------------------------------------------------------
+// Elementwise math, written so that the compiler vectorises the loops.
+
+// e^x to ~2 float ulp: x = n ln2 + r, |r| <= ln2 / 2, degree-7 Taylor
+// polynomial for e^r, 2^n put into the exponent bits. Clamped to
+// [-87, 88], where e^x is a normal float.
+inline float Exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // round to nearest by adding and taking away 1.5 * 2^23 (vectorises, unlike std::floor)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// Phi(u), the standard normal CDF, through erfc(|u| / sqrt 2) by the
+// Chebyshev fit of Numerical Recipes' erfcc (relative error < 1.2e-7 for all
+// arguments), on the tail side so that Phi keeps its relative accuracy for
+// negative u.
+inline float NormalCdf(float u) {
+  const float z = std::fabs(u) * 0.70710678118654752f;
+  const float t = 1.0f / (1.0f + 0.5f * z);
+  const float poly =
+      -1.26551223f +
+      t * (1.00002368f +
+           t * (0.37409196f +
+                t * (0.09678418f +
+                     t * (-0.18628806f +
+                          t * (0.27886807f + t * (-1.13520398f + t * (1.48851587f + t * (-0.82215223f + t * 0.17087277f))))))));
+  const float half_tail = 0.5f * t * Exp(poly - z * z);  // Phi(-|u|)
+  return u >= 0.0f ? 1.0f - half_tail : half_tail;
+}
+
+// ---------------------------------------------------------------------------
+// Causal attention on the fused [B, T, 3, N, H] layout.
+
+constexpr int64_t kRows = 64;  // queries per block
+
+struct AttentionShape {
+  int64_t B, T, N, H, C;
+  int64_t blocks() const { return (T + kRows - 1) / kRows; }
+};
+
+ffi::Error AttentionShapeOf(ffi::Buffer<ffi::F32>& qkv, AttentionShape* s) {
+  auto d = qkv.dimensions();
+  if (d.size() != 5 || d[2] != 3) return ffi::Error::InvalidArgument("jaxtrain attention: qkv must be [B, T, 3, N, H]");
+  *s = AttentionShape{d[0], d[1], d[3], d[4], d[3] * d[4]};
+  if (s->T * 3 * s->C > 2147483647) return ffi::Error::InvalidArgument("jaxtrain attention: a sequence is too long for 32-bit BLAS strides");
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  if (g_sgemm == nullptr) return ffi::Error::Internal("jaxtrain attention: no sgemm was set");
+  AttentionShape s;
+  if (auto e = AttentionShapeOf(qkv, &s); e.failure()) return e;
+  const int64_t T = s.T, N = s.N, H = s.H, C = s.C, ld = 3 * C, nb = s.blocks();
+  const float* pqkv = qkv.typed_data();
+  float* py = out->typed_data();
+  float* plse = lse->typed_data();
+  if (s.B * N * T == 0) return ffi::Error::Success();
+  ParallelFor(pool, static_cast<int>(s.B * N * nb), [&](int task) {
+    // Largest blocks first: they take longest, and the small ones fill the gaps at the end.
+    const int64_t bn = task % (s.B * N), blk = nb - 1 - task / (s.B * N);
+    const int64_t b = bn / N, n = bn % N;
+    const int64_t r0 = blk * kRows, rows = std::min(kRows, T - r0), keys = r0 + rows;
+    const float* q = pqkv + b * T * ld + n * H;
+    const float* k = q + C;
+    const float* v = q + 2 * C;
+    float* p = Scratch(0, rows * keys);
+    g_sgemm(kRowMajor, kNoTrans, kTrans, rows, keys, H, scale, q + r0 * ld, ld, k, ld, 0.0f, p, keys);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = p + i * keys;
+      const int64_t valid = r0 + i + 1;  // keys 0 .. t
+      float m = row[0];
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 1; j < valid; ++j) m = std::max(m, row[j]);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < valid; ++j) {
+        row[j] = Exp(row[j] - m);
+        sum += row[j];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < valid; ++j) row[j] *= inv;
+      std::fill(row + valid, row + keys, 0.0f);
+      plse[bn * T + r0 + i] = m + std::log(sum);
+    }
+    g_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, H, keys, 1.0f, p, keys, v, ld, 0.0f,
+            py + (b * T + r0) * C + n * H, C);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> out,
+                            ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                            ffi::ResultBuffer<ffi::F32> dqkv, float scale) {
+  if (g_sgemm == nullptr) return ffi::Error::Internal("jaxtrain attention: no sgemm was set");
+  AttentionShape s;
+  if (auto e = AttentionShapeOf(qkv, &s); e.failure()) return e;
+  const int64_t T = s.T, N = s.N, H = s.H, C = s.C, ld = 3 * C, nb = s.blocks();
+  const float* pqkv = qkv.typed_data();
+  const float* py = out.typed_data();
+  const float* plse = lse.typed_data();
+  const float* pdy = dout.typed_data();
+  float* pd = dqkv->typed_data();
+  if (s.B * N * T == 0) return ffi::Error::Success();
+  ParallelFor(pool, static_cast<int>(s.B * N), [&](int bn) {
+    const int64_t b = bn / N, n = bn % N;
+    const float* q = pqkv + b * T * ld + n * H;
+    const float* k = q + C;
+    const float* v = q + 2 * C;
+    const float* y = py + b * T * C + n * H;
+    const float* dy = pdy + b * T * C + n * H;
+    float* dq = pd + b * T * ld + n * H;
+    float* dk = dq + C;
+    float* dv = dq + 2 * C;
+    for (int64_t t = 0; t < T; ++t) {
+      std::fill(dk + t * ld, dk + t * ld + H, 0.0f);
+      std::fill(dv + t * ld, dv + t * ld + H, 0.0f);
+    }
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const int64_t r0 = blk * kRows, rows = std::min(kRows, T - r0), keys = r0 + rows;
+      float* p = Scratch(0, rows * keys);
+      float* ds = Scratch(1, rows * keys);
+      // P from the saved log-sum-exp; dP = dO V^T.
+      g_sgemm(kRowMajor, kNoTrans, kTrans, rows, keys, H, scale, q + r0 * ld, ld, k, ld, 0.0f, p, keys);
+      g_sgemm(kRowMajor, kNoTrans, kTrans, rows, keys, H, 1.0f, dy + r0 * C, C, v, ld, 0.0f, ds, keys);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t t = r0 + i, valid = t + 1;
+        const float l = plse[bn * T + t];
+        float dot = 0.0f;  // sum_j P_tj dP_tj = dO_t . O_t
+#pragma omp simd reduction(+ : dot)
+        for (int64_t h = 0; h < H; ++h) dot += dy[t * C + h] * y[t * C + h];
+        float* prow = p + i * keys;
+        float* drow = ds + i * keys;
+#pragma omp simd
+        for (int64_t j = 0; j < valid; ++j) {
+          const float pj = Exp(prow[j] - l);
+          prow[j] = pj;
+          drow[j] = pj * (drow[j] - dot) * scale;
+        }
+        std::fill(prow + valid, prow + keys, 0.0f);
+        std::fill(drow + valid, drow + keys, 0.0f);
+      }
+      // dQ = dS K, dK += dS^T Q, dV += P^T dO (dS already holds the scale).
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, H, keys, 1.0f, ds, keys, k, ld, 0.0f, dq + r0 * ld, ld);
+      g_sgemm(kRowMajor, kTrans, kNoTrans, keys, H, rows, 1.0f, ds, keys, q + r0 * ld, ld, 1.0f, dk, ld);
+      g_sgemm(kRowMajor, kTrans, kNoTrans, keys, H, rows, 1.0f, p, keys, dy + r0 * C, C, 1.0f, dv, ld);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// Bias + exact GELU on [M, F] rows.
+
+constexpr int64_t kGeluRows = 32;  // rows per chunk
+
+ffi::Error GeluShapeOf(ffi::Buffer<ffi::F32>& y, ffi::Buffer<ffi::F32>& bias, int64_t* m, int64_t* f) {
+  auto d = y.dimensions();
+  auto db = bias.dimensions();
+  if (d.size() != 2 || db.size() != 1 || db[0] != d[1])
+    return ffi::Error::InvalidArgument("jaxtrain gelu: needs y [M, F] and bias [F]");
+  *m = d[0];
+  *f = d[1];
+  return ffi::Error::Success();
+}
+
+ffi::Error GeluFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> bias,
+                       ffi::ResultBuffer<ffi::F32> h) {
+  int64_t M, F;
+  if (auto e = GeluShapeOf(y, bias, &M, &F); e.failure()) return e;
+  const float* py = y.typed_data();
+  const float* pb = bias.typed_data();
+  float* ph = h->typed_data();
+  ParallelFor(pool, static_cast<int>((M + kGeluRows - 1) / kGeluRows), [&](int c) {
+    const int64_t end = std::min(M, (c + 1) * kGeluRows) * F;
+    for (int64_t r = c * kGeluRows * F; r < end; r += F) {
+#pragma omp simd
+      for (int64_t j = 0; j < F; ++j) {
+        const float u = py[r + j] + pb[j];
+        ph[r + j] = u * NormalCdf(u);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GeluBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> bias,
+                       ffi::Buffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> du,
+                       ffi::ResultBuffer<ffi::F32> dbias) {
+  int64_t M, F;
+  if (auto e = GeluShapeOf(y, bias, &M, &F); e.failure()) return e;
+  const float* py = y.typed_data();
+  const float* pb = bias.typed_data();
+  const float* pdh = dh.typed_data();
+  float* pdu = du->typed_data();
+  float* pdb = dbias->typed_data();
+  const int chunks = static_cast<int>((M + kGeluRows - 1) / kGeluRows);
+  // Per-chunk column sums, added up in chunk order: the same result for any thread count.
+  std::vector<float> partial(static_cast<size_t>(chunks) * F);
+  ParallelFor(pool, chunks, [&](int c) {
+    float* acc = partial.data() + static_cast<int64_t>(c) * F;
+    std::fill(acc, acc + F, 0.0f);
+    const int64_t end = std::min(M, (c + 1) * kGeluRows) * F;
+    for (int64_t r = c * kGeluRows * F; r < end; r += F) {
+#pragma omp simd
+      for (int64_t j = 0; j < F; ++j) {
+        const float u = py[r + j] + pb[j];
+        // gelu'(u) = Phi(u) + u phi(u)
+        const float g = pdh[r + j] * (NormalCdf(u) + u * Exp(-0.5f * u * u) * 0.39894228040143268f);
+        pdu[r + j] = g;
+        acc[j] += g;
+      }
+    }
+  });
+  std::fill(pdb, pdb + F, 0.0f);
+  for (int c = 0; c < chunks; ++c) {
+    const float* acc = partial.data() + static_cast<int64_t>(c) * F;
+    for (int64_t j = 0; j < F; ++j) pdb[j] += acc[j];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainGemm, GemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainAttentionFwd, AttentionFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainAttentionBwd, AttentionBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainGeluFwd, GeluFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainGeluBwd, GeluBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,132 @@
+"""Fused float32 CPU kernels for the GPT: causal attention and bias + GELU.
+
+XLA:CPU runs a transformer's softmax and GELU as several loop fusions over
+memory (``benchmarks/RESULTS.md``: ~0.7-1.9 ns per element each). These two
+kernels do the same work in one pass each, as XLA FFI calls into
+``_cpu_kernels.cc`` (built and loaded with :mod:`jaxtrain.blas`, under the
+same conditions: float32 on one CPU device with MKL; :func:`why_not` says why
+not). Both are differentiable (reverse mode) and match the plain JAX
+definitions to float rounding; ``tests/test_fused.py`` checks values and
+gradients against them.
+
+- :func:`causal_attention`: softmax attention with a causal mask, read from
+  and written to the fused ``[B, T, 3, N, H]`` q/k/v layout of a ``c_attn``
+  projection (no transposes). Keys after a query block are skipped, the
+  probabilities stay in cache, and the backward recomputes them from the
+  saved log-sum-exp (``[B, N, T]``) instead of keeping ``[B, N, T, T]``.
+- :func:`bias_gelu`: ``gelu(y + b)`` (the exact, erf-based GELU), whose
+  backward also sums the bias gradient in the same pass.
+
+Both fall back to the plain JAX definition when the kernels cannot run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtrain import blas
+
+__all__ = ["causal_attention", "bias_gelu", "why_not", "reference_attention", "reference_bias_gelu"]
+
+
+def why_not(*arrays: jax.Array) -> Optional[str]:
+    """None if the fused kernels can run on these operands in this process, else why not."""
+    return blas.why_not(*arrays, devices=True)
+
+
+# --------------------------------------------------------------------------- attention
+
+def reference_attention(qkv_BT3NH: jax.Array) -> jax.Array:
+    """Causal softmax attention in plain JAX: ``[B, T, 3, N, H]`` -> ``[B, T, N, H]``."""
+    q, k, v = jnp.unstack(qkv_BT3NH, axis=2)
+    T, H = q.shape[1], q.shape[-1]
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(H)
+    logits = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -jnp.inf)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _attention_fwd_call(qkv):
+    B, T, _, N, H = qkv.shape
+    out = (jax.ShapeDtypeStruct((B, T, N, H), jnp.float32), jax.ShapeDtypeStruct((B, N, T), jnp.float32))
+    return jax.ffi.ffi_call("jaxtrain_attention_fwd", out, vmap_method="sequential")(qkv, scale=np.float32(1.0 / math.sqrt(H)))
+
+
+@jax.custom_vjp
+def _fused_attention(qkv):
+    return _attention_fwd_call(qkv)[0]
+
+
+def _fused_attention_fwd(qkv):
+    y, lse = _attention_fwd_call(qkv)
+    return y, (qkv, y, lse)
+
+
+def _fused_attention_bwd(res, dy):
+    qkv, y, lse = res
+    H = qkv.shape[-1]
+    out = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
+    return (jax.ffi.ffi_call("jaxtrain_attention_bwd", out, vmap_method="sequential")(qkv, y, lse, dy, scale=np.float32(1.0 / math.sqrt(H))),)
+
+
+_fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
+
+
+def causal_attention(qkv_BT3NH: jax.Array, *, use_fused: Optional[bool] = None) -> jax.Array:
+    """Causal softmax attention on fused q/k/v ``[B, T, 3, N, H]`` -> ``[B, T, N, H]``.
+
+    Scale ``1 / sqrt(H)``, position ``t`` attends to positions ``<= t``, no
+    dropout. ``use_fused``: None uses the fused kernel when it can run here
+    (:func:`why_not`), False the plain JAX definition, True requires the
+    kernel (``RuntimeError`` saying why it cannot run).
+    """
+    if qkv_BT3NH.ndim != 5 or qkv_BT3NH.shape[2] != 3:
+        raise ValueError(f"causal_attention needs q/k/v as [B, T, 3, N, H], got shape {qkv_BT3NH.shape}")
+    if blas.resolve(use_fused, qkv_BT3NH, setting="use_fused=True"):
+        return _fused_attention(qkv_BT3NH)
+    return reference_attention(qkv_BT3NH)
+
+
+# --------------------------------------------------------------------------- GELU
+
+def reference_bias_gelu(y: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+    """``gelu(y + bias)``, the exact GELU, in plain JAX."""
+    return jax.nn.gelu(y if bias is None else y + bias, approximate=False)
+
+
+@jax.custom_vjp
+def _fused_bias_gelu(y_MF, b_F):
+    return jax.ffi.ffi_call("jaxtrain_gelu_fwd", jax.ShapeDtypeStruct(y_MF.shape, jnp.float32), vmap_method="sequential")(y_MF, b_F)
+
+
+def _fused_bias_gelu_fwd(y_MF, b_F):
+    return _fused_bias_gelu(y_MF, b_F), (y_MF, b_F)
+
+
+def _fused_bias_gelu_bwd(res, dh_MF):
+    y_MF, b_F = res
+    out = (jax.ShapeDtypeStruct(y_MF.shape, jnp.float32), jax.ShapeDtypeStruct(b_F.shape, jnp.float32))
+    return tuple(jax.ffi.ffi_call("jaxtrain_gelu_bwd", out, vmap_method="sequential")(y_MF, b_F, dh_MF))
+
+
+_fused_bias_gelu.defvjp(_fused_bias_gelu_fwd, _fused_bias_gelu_bwd)
+
+
+def bias_gelu(y: jax.Array, bias: Optional[jax.Array] = None, *, use_fused: Optional[bool] = None) -> jax.Array:
+    """``gelu(y + bias)`` with the exact (erf) GELU, as ``jax.nn.gelu(..., approximate=False)``.
+
+    ``y``: ``[..., F]``; ``bias``: ``[F]`` or None. ``use_fused`` as in
+    :func:`causal_attention`.
+    """
+    if bias is not None and bias.shape != y.shape[-1:]:
+        raise ValueError(f"bias_gelu needs a bias of shape {y.shape[-1:]}, got {bias.shape}")
+    operands = (y,) if bias is None else (y, bias)
+    if not blas.resolve(use_fused, *operands, setting="use_fused=True") or y.ndim == 0:
+        return reference_bias_gelu(y, bias)
+    b_F = jnp.zeros(y.shape[-1:], jnp.float32) if bias is None else bias
+    return _fused_bias_gelu(y.reshape(-1, y.shape[-1]), b_F).reshape(y.shape)

@@ -1,0 +1,138 @@
+"""The fused CPU kernels (causal attention, bias + GELU): same values and gradients as plain JAX."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtrain import TrainState, blas, fused, make_optimizer, train_step
+from jaxtrain.config import OptimConfig
+from jaxtrain.models import GPT, GPTConfig
+
+ON, WHY = blas.status()
+needs_kernels = pytest.mark.skipif(not ON, reason=f"native CPU kernels unavailable here: {WHY}")
+
+
+def _normal(shape, seed=0, scale=1.0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, jnp.float32)
+
+
+def _value_and_grads(f, *args):
+    """f's value and the gradients of a random projection of it, jitted."""
+    w = _normal(jax.eval_shape(f, *args).shape, seed=99)
+    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * w), argnums=tuple(range(len(args)))))(*args), \
+        jax.jit(f)(*args)
+
+
+# (B, T, N, H): T below, at and across the kernel's 64-query blocks, odd head sizes, one head
+ATTENTION_SHAPES = [(2, 1, 2, 8), (1, 63, 3, 5), (2, 64, 2, 16), (2, 100, 3, 16), (1, 257, 2, 32), (3, 130, 1, 64)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_causal_attention_matches_plain_jax(shape):
+    B, T, N, H = shape
+    qkv = _normal((B, T, 3, N, H), seed=T, scale=2.0)  # scale 2: peaked softmax rows
+    (l1, (g1,)), y1 = _value_and_grads(lambda q: fused.causal_attention(q, use_fused=True), qkv)
+    (l0, (g0,)), y0 = _value_and_grads(fused.reference_attention, qkv)
+    assert y1.shape == (B, T, N, H)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(y0))))
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=2e-5 * float(jnp.max(jnp.abs(g0))))
+
+
+@needs_kernels
+def test_causal_attention_is_causal_and_one_kernel_each_way():
+    qkv = _normal((1, 70, 3, 2, 8))
+    y = fused.causal_attention(qkv, use_fused=True)
+    # changing the last position's q/k/v leaves every earlier output unchanged
+    y2 = fused.causal_attention(qkv.at[:, -1].add(5.0), use_fused=True)
+    np.testing.assert_array_equal(y[:, :-1], y2[:, :-1])
+    assert not np.allclose(y[:, -1], y2[:, -1])
+    f = lambda q: jnp.sum(fused.causal_attention(q, use_fused=True) ** 2)  # noqa: E731
+    hlo = jax.jit(jax.grad(f)).lower(qkv).as_text()
+    assert hlo.count("jaxtrain_attention_fwd") == 1 and hlo.count("jaxtrain_attention_bwd") == 1
+    assert "jaxtrain_attention" not in jax.jit(lambda q: fused.causal_attention(q, use_fused=False)).lower(qkv).as_text()
+
+
+@needs_kernels
+def test_causal_attention_propagates_nan_and_large_logits():
+    qkv = _normal((1, 8, 3, 1, 4), scale=40.0)  # logits in the thousands: the max-subtraction must hold
+    y1 = fused.causal_attention(qkv, use_fused=True)
+    np.testing.assert_allclose(y1, fused.reference_attention(qkv), rtol=1e-4, atol=1e-3)
+    assert np.all(np.isfinite(y1))
+    bad = qkv.at[0, 3, 1, 0, 0].set(jnp.nan)  # key 3: every query from position 3 on sees it
+    y = np.asarray(fused.causal_attention(bad, use_fused=True))
+    assert np.all(np.isfinite(y[0, :3])) and np.all(np.isnan(y[0, 3:]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,bias", [((2048, 1536), True), ((33, 70), True), ((5, 7, 19), False), ((1, 1), True)])
+def test_bias_gelu_matches_plain_jax(shape, bias):
+    y = _normal(shape, seed=1, scale=3.0)
+    b = _normal(shape[-1:], seed=2) if bias else None
+    args = (y, b) if bias else (y,)
+    (l1, g1), h1 = _value_and_grads(lambda *a: fused.bias_gelu(*a, use_fused=True), *args)
+    (l0, g0), h0 = _value_and_grads(fused.reference_bias_gelu if bias else
+                                    (lambda y: fused.reference_bias_gelu(y, None)), *args)
+    np.testing.assert_allclose(h1, h0, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-4)
+    for a, c in zip(g1, g0):  # the bias gradient sums over all rows
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6 * np.sqrt(y.size / y.shape[-1]) * 3)
+
+
+@needs_kernels
+def test_bias_gelu_tails_and_non_finite_values():
+    u = jnp.asarray([[-1e4, -30.0, -8.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 8.0, 30.0, 1e4, jnp.inf, -jnp.inf, jnp.nan]],
+                    jnp.float32)
+    h = np.asarray(fused.bias_gelu(u, use_fused=True))
+    ref = np.asarray(fused.reference_bias_gelu(u, None))
+    np.testing.assert_allclose(h[0, :11], ref[0, :11], rtol=1e-5, atol=1e-7)
+    assert h[0, 11] == np.inf and np.isnan(h[0, 13])
+    g = np.asarray(jax.grad(lambda u: jnp.sum(fused.bias_gelu(u, use_fused=True)))(u))
+    g_ref = np.asarray(jax.grad(lambda u: jnp.sum(fused.reference_bias_gelu(u, None)))(u))
+    np.testing.assert_allclose(g[0, :11], g_ref[0, :11], rtol=1e-5, atol=1e-7)
+    assert np.isnan(g[0, 13])
+
+
+@needs_kernels
+def test_vmap_over_the_kernels():
+    qkv = _normal((3, 2, 20, 3, 2, 4))
+    y = jax.vmap(lambda q: fused.causal_attention(q, use_fused=True))(qkv)
+    np.testing.assert_allclose(y, jax.vmap(fused.reference_attention)(qkv), rtol=1e-5, atol=2e-6)
+    u, b = _normal((4, 6, 9)), _normal((4, 9))
+    h = jax.vmap(lambda u, b: fused.bias_gelu(u, b, use_fused=True))(u, b)
+    np.testing.assert_allclose(h, jax.vmap(fused.reference_bias_gelu)(u, b), rtol=2e-6, atol=1e-6)
+
+
+def test_errors_and_fallbacks_name_the_problem():
+    with pytest.raises(ValueError, match=r"\[B, T, 3, N, H\].*\(2, 5, 4\)"):
+        fused.causal_attention(jnp.ones((2, 5, 4)))
+    with pytest.raises(ValueError, match=r"bias of shape \(4,\), got \(3,\)"):
+        fused.bias_gelu(jnp.ones((2, 4)), jnp.ones(3))
+    x16 = jnp.ones((1, 4, 3, 1, 2), jnp.bfloat16)
+    assert "jaxtrain_attention" not in jax.jit(fused.causal_attention).lower(x16).as_text()  # auto: plain JAX
+    with pytest.raises(RuntimeError, match="use_fused=True.*float32 operands, not bfloat16"):
+        fused.causal_attention(x16, use_fused=True)
+    assert "bfloat16" in fused.why_not(x16)
+
+
+def _gpt_targets(matmul, dropout=0.0):
+    model = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32, matmul=matmul,
+                          dropout=dropout), rngs=nnx.Rngs(0))
+    state = TrainState.create(model, make_optimizer(OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0)), rng=0)
+    batch = {"inputs": jnp.zeros((2, 16), jnp.int32), "targets": jnp.zeros((2, 16), jnp.int32)}
+    hlo = jax.jit(train_step).lower(state, batch).as_text()
+    return {t: hlo.count(t) for t in ("jaxtrain_attention_fwd", "jaxtrain_attention_bwd", "jaxtrain_gelu_fwd",
+                                      "jaxtrain_gelu_bwd")}
+
+
+@needs_kernels
+def test_gpt_train_step_uses_the_kernels_where_they_apply():
+    # model.matmul=blas: the tests' process has 8 devices, where auto picks XLA
+    assert _gpt_targets("blas") == dict.fromkeys(_gpt_targets("blas"), 2)  # one each per layer
+    assert set(_gpt_targets("xla").values()) == set(_gpt_targets("auto").values()) == {0}
+    # attention dropout is not in the kernel: a training step with dropout keeps XLA's attention
+    with_dropout = _gpt_targets("blas", dropout=0.1)
+    assert with_dropout["jaxtrain_attention_fwd"] == 0 and with_dropout["jaxtrain_gelu_fwd"] == 2
