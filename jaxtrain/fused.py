@@ -22,7 +22,6 @@ Both fall back to the plain JAX definition when the kernels cannot run.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
