@@ -19,6 +19,10 @@
 // JaxtrainGeluFwd / JaxtrainGeluBwd: h = gelu(y + b) (exact, erf-based) and
 // its backward du = dh * gelu'(y + b), db = sum of du over rows, each in one
 // pass over memory.
+//
+// JaxtrainLayerNormFwd / JaxtrainLayerNormBwd: LayerNorm over the last axis
+// (saving each row's mean and 1/std), and its backward with the scale and
+// bias gradients summed in the same pass.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -395,6 +399,107 @@ ffi::Error GeluBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// LayerNorm over the last axis of [M, C] rows.
+
+constexpr int64_t kNormRows = 16;  // rows per chunk
+
+ffi::Error NormShapeOf(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& scale, int64_t* m, int64_t* c) {
+  auto d = x.dimensions();
+  auto ds = scale.dimensions();
+  if (d.size() != 2 || ds.size() != 1 || ds[0] != d[1])
+    return ffi::Error::InvalidArgument("jaxtrain layer_norm: needs x [M, C] and scale [C]");
+  *m = d[0];
+  *c = d[1];
+  return ffi::Error::Success();
+}
+
+ffi::Error LayerNormFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                            ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd, float eps) {
+  int64_t M, C;
+  if (auto e = NormShapeOf(x, scale, &M, &C); e.failure()) return e;
+  if (C == 0) return ffi::Error::InvalidArgument("jaxtrain layer_norm: rows are empty");
+  const float* px = x.typed_data();
+  const float* pg = scale.typed_data();
+  const float* pb = bias.typed_data();
+  float* py = y->typed_data();
+  float* pm = mean->typed_data();
+  float* pr = rstd->typed_data();
+  ParallelFor(pool, static_cast<int>((M + kNormRows - 1) / kNormRows), [&](int c) {
+    for (int64_t i = c * kNormRows; i < std::min(M, (c + 1) * kNormRows); ++i) {
+      const float* xr = px + i * C;
+      float* yr = py + i * C;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < C; ++j) sum += xr[j];
+      const float mu = sum / C;
+      float sq = 0.0f;  // two passes over a row in cache: no cancellation in E[x^2] - E[x]^2
+#pragma omp simd reduction(+ : sq)
+      for (int64_t j = 0; j < C; ++j) sq += (xr[j] - mu) * (xr[j] - mu);
+      const float r = 1.0f / std::sqrt(sq / C + eps);
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) yr[j] = (xr[j] - mu) * r * pg[j] + pb[j];
+      pm[i] = mu;
+      pr[i] = r;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error LayerNormBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                            ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy,
+                            ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                            ffi::ResultBuffer<ffi::F32> dbias) {
+  int64_t M, C;
+  if (auto e = NormShapeOf(x, scale, &M, &C); e.failure()) return e;
+  const float* px = x.typed_data();
+  const float* pg = scale.typed_data();
+  const float* pm = mean.typed_data();
+  const float* pr = rstd.typed_data();
+  const float* pdy = dy.typed_data();
+  float* pdx = dx->typed_data();
+  const int chunks = static_cast<int>((M + kNormRows - 1) / kNormRows);
+  // Per-chunk sums of dy * xhat and dy, added up in chunk order (deterministic).
+  std::vector<float> partial(static_cast<size_t>(chunks) * 2 * C);
+  ParallelFor(pool, chunks, [&](int c) {
+    float* acc_g = partial.data() + static_cast<int64_t>(c) * 2 * C;
+    float* acc_b = acc_g + C;
+    std::fill(acc_g, acc_g + 2 * C, 0.0f);
+    for (int64_t i = c * kNormRows; i < std::min(M, (c + 1) * kNormRows); ++i) {
+      const float* xr = px + i * C;
+      const float* dyr = pdy + i * C;
+      float* dxr = pdx + i * C;
+      const float mu = pm[i], r = pr[i];
+      float s1 = 0.0f, s2 = 0.0f;  // sums of g = dy * scale and of g * xhat
+#pragma omp simd reduction(+ : s1, s2)
+      for (int64_t j = 0; j < C; ++j) {
+        const float xhat = (xr[j] - mu) * r;
+        const float g = dyr[j] * pg[j];
+        s1 += g;
+        s2 += g * xhat;
+        acc_g[j] += dyr[j] * xhat;
+        acc_b[j] += dyr[j];
+      }
+      const float m1 = s1 / C, m2 = s2 / C;
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) dxr[j] = r * (dyr[j] * pg[j] - m1 - (xr[j] - mu) * r * m2);
+    }
+  });
+  float* pdg = dscale->typed_data();
+  float* pdb = dbias->typed_data();
+  std::fill(pdg, pdg + C, 0.0f);
+  std::fill(pdb, pdb + C, 0.0f);
+  for (int c = 0; c < chunks; ++c) {
+    const float* acc = partial.data() + static_cast<int64_t>(c) * 2 * C;
+    for (int64_t j = 0; j < C; ++j) {
+      pdg[j] += acc[j];
+      pdb[j] += acc[C + j];
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainGemm, GemmImpl,
@@ -436,5 +541,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainGeluBwd, GeluBwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainLayerNormFwd, LayerNormFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainLayerNormBwd, LayerNormBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

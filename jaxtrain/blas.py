@@ -59,6 +59,8 @@ _HANDLERS = {
     "jaxtrain_attention_bwd": "JaxtrainAttentionBwd",
     "jaxtrain_gelu_fwd": "JaxtrainGeluFwd",
     "jaxtrain_gelu_bwd": "JaxtrainGeluBwd",
+    "jaxtrain_layer_norm_fwd": "JaxtrainLayerNormFwd",
+    "jaxtrain_layer_norm_bwd": "JaxtrainLayerNormBwd",
 }
 _SOURCE = Path(__file__).with_name("_cpu_kernels.cc")
 

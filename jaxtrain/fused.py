@@ -1,4 +1,4 @@
-"""Fused float32 CPU kernels for the GPT: causal attention and bias + GELU.
+"""Fused float32 CPU kernels for the GPT: causal attention, bias + GELU, LayerNorm.
 
 XLA:CPU runs a transformer's softmax and GELU as several loop fusions over
 memory (``benchmarks/RESULTS.md``: ~0.7-1.9 ns per element each). These two
@@ -16,12 +16,16 @@ gradients against them.
   saved log-sum-exp (``[B, N, T]``) instead of keeping ``[B, N, T, T]``.
 - :func:`bias_gelu`: ``gelu(y + b)`` (the exact, erf-based GELU), whose
   backward also sums the bias gradient in the same pass.
+- :func:`layer_norm`: LayerNorm over the last axis, saving each row's mean
+  and ``1 / std``; its backward sums the scale and bias gradients in the same
+  pass.
 
 Both fall back to the plain JAX definition when the kernels cannot run.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -31,7 +35,8 @@ import numpy as np
 
 from jaxtrain import blas
 
-__all__ = ["causal_attention", "bias_gelu", "why_not", "reference_attention", "reference_bias_gelu"]
+__all__ = ["causal_attention", "bias_gelu", "layer_norm", "why_not", "reference_attention", "reference_bias_gelu",
+           "reference_layer_norm"]
 
 
 def why_not(*arrays: jax.Array) -> Optional[str]:
@@ -129,3 +134,58 @@ def bias_gelu(y: jax.Array, bias: Optional[jax.Array] = None, *, use_fused: Opti
         return reference_bias_gelu(y, bias)
     b_F = jnp.zeros(y.shape[-1:], jnp.float32) if bias is None else bias
     return _fused_bias_gelu(y.reshape(-1, y.shape[-1]), b_F).reshape(y.shape)
+
+
+# --------------------------------------------------------------------------- LayerNorm
+
+def reference_layer_norm(x: jax.Array, scale: jax.Array, bias: Optional[jax.Array], eps: float) -> jax.Array:
+    """LayerNorm over the last axis in plain JAX: ``(x - mean) / sqrt(var + eps) * scale + bias``."""
+    mean = x.mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps) * scale
+    return y if bias is None else y + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_layer_norm(x_MC, g_C, b_C, eps):
+    return _layer_norm_fwd_call(x_MC, g_C, b_C, eps)[0]
+
+
+def _layer_norm_fwd_call(x_MC, g_C, b_C, eps):
+    M, C = x_MC.shape
+    out = (jax.ShapeDtypeStruct((M, C), jnp.float32), jax.ShapeDtypeStruct((M,), jnp.float32),
+           jax.ShapeDtypeStruct((M,), jnp.float32))
+    return jax.ffi.ffi_call("jaxtrain_layer_norm_fwd", out, vmap_method="sequential")(x_MC, g_C, b_C,
+                                                                                       eps=np.float32(eps))
+
+
+def _fused_layer_norm_fwd(x_MC, g_C, b_C, eps):
+    y, mean, rstd = _layer_norm_fwd_call(x_MC, g_C, b_C, eps)
+    return y, (x_MC, g_C, mean, rstd)
+
+
+def _fused_layer_norm_bwd(eps, res, dy_MC):
+    x_MC, g_C, mean, rstd = res
+    out = (jax.ShapeDtypeStruct(x_MC.shape, jnp.float32), jax.ShapeDtypeStruct(g_C.shape, jnp.float32),
+           jax.ShapeDtypeStruct(g_C.shape, jnp.float32))
+    return tuple(jax.ffi.ffi_call("jaxtrain_layer_norm_bwd", out, vmap_method="sequential")(
+        x_MC, g_C, mean, rstd, dy_MC))
+
+
+_fused_layer_norm.defvjp(_fused_layer_norm_fwd, _fused_layer_norm_bwd)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: Optional[jax.Array] = None, *, eps: float = 1e-5,
+               use_fused: Optional[bool] = None) -> jax.Array:
+    """LayerNorm over the last axis of ``x`` (``[..., C]``) with ``scale`` and ``bias`` of shape ``[C]``.
+
+    The variance is the biased one (as ``torch.nn.LayerNorm`` and Flax's);
+    ``use_fused`` as in :func:`causal_attention`.
+    """
+    for name, v in (("scale", scale), ("bias", bias)):
+        if v is not None and v.shape != x.shape[-1:]:
+            raise ValueError(f"layer_norm needs a {name} of shape {x.shape[-1:]}, got {v.shape}")
+    operands = (x, scale) if bias is None else (x, scale, bias)
+    if x.ndim == 0 or x.shape[-1] == 0 or not blas.resolve(use_fused, *operands, setting="use_fused=True"):
+        return reference_layer_norm(x, scale, bias, eps)
+    b_C = jnp.zeros(x.shape[-1:], jnp.float32) if bias is None else bias
+    return _fused_layer_norm(x.reshape(-1, x.shape[-1]), scale, b_C, float(eps)).reshape(x.shape)

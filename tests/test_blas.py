@@ -150,12 +150,14 @@ def test_gpt_matmul_blas_refuses_bfloat16_and_auto_picks_blas_for_float32_on_one
             model = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=1, n_head=2, n_embd=32, dtype=dtype),
                         rngs=nnx.Rngs(0))
             hlo = nnx.jit(lambda m, t: m(t)).lower(model, tokens).as_text()
-            print(dtype, *(hlo.count(t) for t in ("jaxtrain_blas_gemm", "jaxtrain_attention_fwd", "jaxtrain_gelu_fwd")))
+            targets = ("jaxtrain_blas_gemm", "jaxtrain_attention_fwd", "jaxtrain_gelu_fwd", "jaxtrain_layer_norm_fwd")
+            print(dtype, *(hlo.count(t) for t in targets))
     """
     r = _python(code, {"XLA_FLAGS": ""})
     assert r.returncode == 0, r.stderr
-    # float32, one layer: qkv, proj, fc, fc-proj and the tied head; the fused attention and bias + GELU
-    assert r.stdout.split() == ["float32", "5", "1", "1", "bfloat16", "0", "0", "0"]
+    # float32, one layer: qkv, proj, fc, fc-proj and the tied head; the fused attention, bias + GELU
+    # and three LayerNorms
+    assert r.stdout.split() == ["float32", "5", "1", "1", "3", "bfloat16", "0", "0", "0", "0"]
 
 
 def _python(code: str, env: dict) -> subprocess.CompletedProcess:

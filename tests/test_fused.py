@@ -97,6 +97,27 @@ def test_bias_gelu_tails_and_non_finite_values():
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape,bias", [((8, 256, 384), True), ((37, 19), False), ((1, 5), True), ((3, 1), True)])
+def test_layer_norm_matches_plain_jax(shape, bias):
+    x = _normal(shape, seed=3, scale=4.0) + 2.0  # an offset mean: the variance must not cancel
+    g, b = _normal(shape[-1:], seed=4), (_normal(shape[-1:], seed=5) if bias else None)
+    args = (x, g, b) if bias else (x, g)
+    (l1, g1), y1 = _value_and_grads(lambda *a: fused.layer_norm(*a, eps=1e-5, use_fused=True), *args)
+    (l0, g0), y0 = _value_and_grads(lambda *a: fused.reference_layer_norm(*a, 1e-5) if bias else
+                                    fused.reference_layer_norm(*a, None, 1e-5), *args)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-4)
+    for a, c in zip(g1, g0):  # dx, then the scale (and bias) gradients summed over all rows
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5 * max(float(jnp.max(jnp.abs(c))), 1.0))
+    # agrees with Flax's LayerNorm (which the GPT's parameters belong to)
+    ln = nnx.LayerNorm(shape[-1], epsilon=1e-5, use_bias=bias, rngs=nnx.Rngs(0))
+    ln.scale[...] = g
+    if bias:
+        ln.bias[...] = b
+    np.testing.assert_allclose(y1, ln(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_vmap_over_the_kernels():
     qkv = _normal((3, 2, 20, 3, 2, 4))
     y = jax.vmap(lambda q: fused.causal_attention(q, use_fused=True))(qkv)
@@ -111,6 +132,8 @@ def test_errors_and_fallbacks_name_the_problem():
         fused.causal_attention(jnp.ones((2, 5, 4)))
     with pytest.raises(ValueError, match=r"bias of shape \(4,\), got \(3,\)"):
         fused.bias_gelu(jnp.ones((2, 4)), jnp.ones(3))
+    with pytest.raises(ValueError, match=r"scale of shape \(4,\), got \(4, 1\)"):
+        fused.layer_norm(jnp.ones((2, 4)), jnp.ones((4, 1)))
     x16 = jnp.ones((1, 4, 3, 1, 2), jnp.bfloat16)
     assert "jaxtrain_attention" not in jax.jit(fused.causal_attention).lower(x16).as_text()  # auto: plain JAX
     with pytest.raises(RuntimeError, match="use_fused=True.*float32 operands, not bfloat16"):
@@ -125,13 +148,15 @@ def _gpt_targets(matmul, dropout=0.0):
     batch = {"inputs": jnp.zeros((2, 16), jnp.int32), "targets": jnp.zeros((2, 16), jnp.int32)}
     hlo = jax.jit(train_step).lower(state, batch).as_text()
     return {t: hlo.count(t) for t in ("jaxtrain_attention_fwd", "jaxtrain_attention_bwd", "jaxtrain_gelu_fwd",
-                                      "jaxtrain_gelu_bwd")}
+                                      "jaxtrain_gelu_bwd", "jaxtrain_layer_norm_fwd", "jaxtrain_layer_norm_bwd")}
 
 
 @needs_kernels
 def test_gpt_train_step_uses_the_kernels_where_they_apply():
     # model.matmul=blas: the tests' process has 8 devices, where auto picks XLA
-    assert _gpt_targets("blas") == dict.fromkeys(_gpt_targets("blas"), 2)  # one each per layer
+    used = _gpt_targets("blas")
+    assert used == {**dict.fromkeys(used, 2), "jaxtrain_layer_norm_fwd": 5, "jaxtrain_layer_norm_bwd": 5}
+    # (one attention and GELU per layer; two LayerNorms per layer and the final one)
     assert set(_gpt_targets("xla").values()) == set(_gpt_targets("auto").values()) == {0}
     # attention dropout is not in the kernel: a training step with dropout keeps XLA's attention
     with_dropout = _gpt_targets("blas", dropout=0.1)

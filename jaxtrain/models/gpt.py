@@ -50,6 +50,14 @@ def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.float32, rngs=rngs)
 
 
+def _norm(ln: nnx.LayerNorm, x: jax.Array, use_blas: bool | None) -> jax.Array:
+    """``ln(x)``; on the BLAS path (float32 on one CPU device) as one fused kernel each way."""
+    if x.dtype == jnp.float32 and _blas_on(use_blas, x):
+        bias = None if ln.bias is None else ln.bias[...]
+        return fused.layer_norm(x, ln.scale[...], bias, eps=ln.epsilon, use_fused=True)
+    return ln(x)
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         self.n_head = cfg.n_head
@@ -172,11 +180,14 @@ class Block(nnx.Module):
         self.attn = CausalSelfAttention(cfg, rngs)
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
+        self.use_blas = _use_blas(cfg)
 
     def __call__(self, x_BTC, *, rngs, deterministic):
         dtype = x_BTC.dtype
-        x_BTC = x_BTC + self.attn(self.ln_1(x_BTC).astype(dtype), rngs=rngs, deterministic=deterministic)
-        return x_BTC + self.mlp(self.ln_2(x_BTC).astype(dtype), rngs=rngs, deterministic=deterministic)
+        x_BTC = x_BTC + self.attn(_norm(self.ln_1, x_BTC, self.use_blas).astype(dtype), rngs=rngs,
+                                  deterministic=deterministic)
+        return x_BTC + self.mlp(_norm(self.ln_2, x_BTC, self.use_blas).astype(dtype), rngs=rngs,
+                                deterministic=deterministic)
 
     def decode(self, x_BC, pos, cache):
         """:meth:`__call__` for one position (no dropout); ``cache`` is this block's ``(k_BNTH, v_BNTH)``."""
@@ -231,7 +242,7 @@ class GPT(nnx.Module):
     def _logits(self, x_BTC: jax.Array) -> jax.Array:
         """Final LayerNorm and the (tied or separate) head: float32 logits ``[..., V]``."""
         cfg, dtype = self.config, _dtype(self.config)
-        x_BTC = self.ln_f(x_BTC).astype(dtype)
+        x_BTC = _norm(self.ln_f, x_BTC, _use_blas(cfg)).astype(dtype)
         if self.lm_head is None:
             x_MC = x_BTC.reshape(-1, cfg.n_embd)  # 2-D for the same reason as _dense_2d
             wte_VC = self.wte.embedding[...].astype(dtype)
