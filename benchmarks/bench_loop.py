@@ -84,7 +84,8 @@ def main() -> None:
 
     bare = statistics.median(bare_tps)
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    print(f"\n{Path(args.config).name}, {args.steps} steps x {args.rounds} rounds on {device} (medians):")
+    name = Path(args.config).name + (" with the overrides above" if args.overrides else "")
+    print(f"\n{name}, {args.steps} steps x {args.rounds} rounds on {device} (medians):")
     print(f"  bare train_step      {bare:10,.0f} tokens/s")
     for name, xs in (("loop, training", train_tps), ("loop, end-to-end", e2e_tps)):
         print(f"  {name:<20} {statistics.median(xs):10,.0f} tokens/s  ratio {statistics.median(xs) / bare:.3f}")

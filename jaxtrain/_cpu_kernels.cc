@@ -31,6 +31,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -115,13 +116,23 @@ struct Chunks {
   std::condition_variable cv;
 };
 
+// Takes chunks until none is left; f is only dereferenced for a chunk taken,
+// which the caller of ParallelFor is still waiting for, so a pool task that
+// starts late never touches the caller's (possibly gone) stack.
 template <typename F>
-void RunChunks(Chunks& c, const F& f) {
+void RunChunks(Chunks& c, const F* f) {
   for (int i; (i = c.next.fetch_add(1)) < c.total;) {
-    f(i);
+    (*f)(i);
     std::lock_guard<std::mutex> lock(c.mu);
     if (++c.done == c.total) c.cv.notify_all();
   }
+}
+
+template <typename F>
+void RunChunksWithSequentialBlas(Chunks& c, const F* f) {
+  const int previous = g_set_threads_local(1);
+  RunChunks(c, f);
+  g_set_threads_local(previous);
 }
 
 // f(0) ... f(n - 1) on this thread and on up to pool.num_threads() - 1 pool
@@ -132,29 +143,19 @@ void RunChunks(Chunks& c, const F& f) {
 // chunks run here, one after another, with the BLAS's own threads.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int n, const F& f) {
-  const int helpers = g_set_threads_local == nullptr ? 0 : std::min<int64_t>(pool.num_threads(), n) - 1;
-  auto one_thread = [&f](Chunks& c) {
-    const int previous = g_set_threads_local(1);
-    RunChunks(c, f);
-    g_set_threads_local(previous);
-  };
-  if (helpers <= 0) {
-    if (g_set_threads_local != nullptr) {
-      Chunks c(n);
-      one_thread(c);
-    } else {
-      for (int i = 0; i < n; ++i) f(i);
-    }
+  if (g_set_threads_local == nullptr) {
+    for (int i = 0; i < n; ++i) f(i);
     return;
   }
+  const int helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
   auto chunks = std::make_shared<Chunks>(n);
   for (int t = 0; t < helpers; ++t) {
-    pool.Schedule([chunks, &one_thread]() {
+    pool.Schedule([chunks, fp = &f]() {
       if (chunks->next.load() >= chunks->total) return;
-      one_thread(*chunks);
+      RunChunksWithSequentialBlas(*chunks, fp);
     });
   }
-  one_thread(*chunks);
+  RunChunksWithSequentialBlas(*chunks, &f);
   std::unique_lock<std::mutex> lock(chunks->mu);
   chunks->cv.wait(lock, [&] { return chunks->done == chunks->total; });
 }
@@ -333,20 +334,30 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi
 
 constexpr int64_t kGeluRows = 32;  // rows per chunk
 
-ffi::Error GeluShapeOf(ffi::Buffer<ffi::F32>& y, ffi::Buffer<ffi::F32>& bias, int64_t* m, int64_t* f) {
-  auto d = y.dimensions();
-  auto db = bias.dimensions();
-  if (d.size() != 2 || db.size() != 1 || db[0] != d[1])
-    return ffi::Error::InvalidArgument("jaxtrain gelu: needs y [M, F] and bias [F]");
+// [M, F] rows and a [F] vector (bias or scale); what names the kernel in the error.
+ffi::Error RowsShapeOf(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& v, const char* what, int64_t* m,
+                       int64_t* f) {
+  auto d = x.dimensions();
+  auto dv = v.dimensions();
+  if (d.size() != 2 || dv.size() != 1 || dv[0] != d[1])
+    return ffi::Error::InvalidArgument(std::string("jaxtrain ") + what + ": needs rows [M, F] and a vector [F]");
   *m = d[0];
   *f = d[1];
   return ffi::Error::Success();
 }
 
+// out[j] = the sum over chunks c of partial[c * stride + j], j < n, added in chunk
+// order: the same result for any number of threads.
+void SumChunks(const float* partial, int chunks, int64_t stride, int64_t n, float* out) {
+  std::fill(out, out + n, 0.0f);
+  for (int c = 0; c < chunks; ++c)
+    for (int64_t j = 0; j < n; ++j) out[j] += partial[c * stride + j];
+}
+
 ffi::Error GeluFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> bias,
                        ffi::ResultBuffer<ffi::F32> h) {
   int64_t M, F;
-  if (auto e = GeluShapeOf(y, bias, &M, &F); e.failure()) return e;
+  if (auto e = RowsShapeOf(y, bias, "gelu", &M, &F); e.failure()) return e;
   const float* py = y.typed_data();
   const float* pb = bias.typed_data();
   float* ph = h->typed_data();
@@ -367,14 +378,14 @@ ffi::Error GeluBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffe
                        ffi::Buffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> du,
                        ffi::ResultBuffer<ffi::F32> dbias) {
   int64_t M, F;
-  if (auto e = GeluShapeOf(y, bias, &M, &F); e.failure()) return e;
+  if (auto e = RowsShapeOf(y, bias, "gelu", &M, &F); e.failure()) return e;
   const float* py = y.typed_data();
   const float* pb = bias.typed_data();
   const float* pdh = dh.typed_data();
   float* pdu = du->typed_data();
   float* pdb = dbias->typed_data();
   const int chunks = static_cast<int>((M + kGeluRows - 1) / kGeluRows);
-  // Per-chunk column sums, added up in chunk order: the same result for any thread count.
+  // Per-chunk column sums (SumChunks)
   std::vector<float> partial(static_cast<size_t>(chunks) * F);
   ParallelFor(pool, chunks, [&](int c) {
     float* acc = partial.data() + static_cast<int64_t>(c) * F;
@@ -391,11 +402,7 @@ ffi::Error GeluBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffe
       }
     }
   });
-  std::fill(pdb, pdb + F, 0.0f);
-  for (int c = 0; c < chunks; ++c) {
-    const float* acc = partial.data() + static_cast<int64_t>(c) * F;
-    for (int64_t j = 0; j < F; ++j) pdb[j] += acc[j];
-  }
+  SumChunks(partial.data(), chunks, F, F, pdb);
   return ffi::Error::Success();
 }
 
@@ -404,21 +411,11 @@ ffi::Error GeluBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffe
 
 constexpr int64_t kNormRows = 16;  // rows per chunk
 
-ffi::Error NormShapeOf(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& scale, int64_t* m, int64_t* c) {
-  auto d = x.dimensions();
-  auto ds = scale.dimensions();
-  if (d.size() != 2 || ds.size() != 1 || ds[0] != d[1])
-    return ffi::Error::InvalidArgument("jaxtrain layer_norm: needs x [M, C] and scale [C]");
-  *m = d[0];
-  *c = d[1];
-  return ffi::Error::Success();
-}
-
 ffi::Error LayerNormFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                             ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd, float eps) {
   int64_t M, C;
-  if (auto e = NormShapeOf(x, scale, &M, &C); e.failure()) return e;
+  if (auto e = RowsShapeOf(x, scale, "layer_norm", &M, &C); e.failure()) return e;
   if (C == 0) return ffi::Error::InvalidArgument("jaxtrain layer_norm: rows are empty");
   const float* px = x.typed_data();
   const float* pg = scale.typed_data();
@@ -452,7 +449,7 @@ ffi::Error LayerNormBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
                             ffi::ResultBuffer<ffi::F32> dbias) {
   int64_t M, C;
-  if (auto e = NormShapeOf(x, scale, &M, &C); e.failure()) return e;
+  if (auto e = RowsShapeOf(x, scale, "layer_norm", &M, &C); e.failure()) return e;
   const float* px = x.typed_data();
   const float* pg = scale.typed_data();
   const float* pm = mean.typed_data();
@@ -460,7 +457,7 @@ ffi::Error LayerNormBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   const float* pdy = dy.typed_data();
   float* pdx = dx->typed_data();
   const int chunks = static_cast<int>((M + kNormRows - 1) / kNormRows);
-  // Per-chunk sums of dy * xhat and dy, added up in chunk order (deterministic).
+  // Per-chunk sums of dy * xhat and of dy (SumChunks)
   std::vector<float> partial(static_cast<size_t>(chunks) * 2 * C);
   ParallelFor(pool, chunks, [&](int c) {
     float* acc_g = partial.data() + static_cast<int64_t>(c) * 2 * C;
@@ -486,83 +483,51 @@ ffi::Error LayerNormBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
       for (int64_t j = 0; j < C; ++j) dxr[j] = r * (dyr[j] * pg[j] - m1 - (xr[j] - mu) * r * m2);
     }
   });
-  float* pdg = dscale->typed_data();
-  float* pdb = dbias->typed_data();
-  std::fill(pdg, pdg + C, 0.0f);
-  std::fill(pdb, pdb + C, 0.0f);
-  for (int c = 0; c < chunks; ++c) {
-    const float* acc = partial.data() + static_cast<int64_t>(c) * 2 * C;
-    for (int64_t j = 0; j < C; ++j) {
-      pdg[j] += acc[j];
-      pdb[j] += acc[C + j];
-    }
-  }
+  SumChunks(partial.data(), chunks, 2 * C, C, dscale->typed_data());
+  SumChunks(partial.data() + C, chunks, 2 * C, C, dbias->typed_data());
   return ffi::Error::Success();
 }
 
 }  // namespace
 
+// Bindings: each handler's arguments, results and attributes, in order.
+using F32 = ffi::Buffer<ffi::F32>;
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainGemm, GemmImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b"));
+                                  .Arg<F32>().Arg<F32>()  // a, b
+                                  .Ret<F32>()             // c
+                                  .Attr<bool>("trans_a").Attr<bool>("trans_b"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainAttentionFwd, AttentionFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()              // qkv [B, T, 3, N, H]
+                                  .Ret<F32>().Ret<F32>()   // out [B, T, N, H], lse [B, N, T]
                                   .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainAttentionBwd, AttentionBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()  // qkv, out, lse, dout
+                                  .Ret<F32>()                                   // dqkv
                                   .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainGeluFwd, GeluFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>().Arg<F32>()  // y [M, F], bias [F]
+                                  .Ret<F32>());           // h
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainGeluBwd, GeluBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>()  // y, bias, dh
+                                  .Ret<F32>().Ret<F32>());           // dy, dbias
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainLayerNormFwd, LayerNormFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>()  // x [M, C], scale [C], bias [C]
+                                  .Ret<F32>().Ret<F32>().Ret<F32>()  // y, mean [M], rstd [M]
                                   .Attr<float>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainLayerNormBwd, LayerNormBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()  // x, scale, mean, rstd, dy
+                                  .Ret<F32>().Ret<F32>().Ret<F32>());  // dx, dscale, dbias

@@ -14,10 +14,12 @@ device. Everywhere else (GPUs, bfloat16, several devices, where sharded
 operands would be gathered into each custom call) :func:`matmul` is the plain
 ``jnp.matmul``, and so it is when the BLAS path is unavailable: no MKL, no C++
 compiler, or ``JAXTRAIN_BLAS=off``. :func:`status` and :func:`why_not` say why.
+The same handler library holds the fused attention, GELU and LayerNorm
+kernels of :mod:`jaxtrain.fused`, which run under the same conditions.
 
 Set-up, once: MKL comes from PyPI (``pip install mkl``; the ``cpu`` extra of
 this package pulls it in); the handler is compiled on first use with the
-system's ``c++`` against the FFI headers that ship with jaxlib (~3 s) and
+system's ``c++`` against the FFI headers that ship with jaxlib (~9 s) and
 cached in ``~/.cache/jaxtrain/ext`` (``$JAXTRAIN_EXT_CACHE`` overrides).
 ``JAXTRAIN_BLAS`` may also name a CBLAS shared library to use instead of MKL
 (with the 32-bit-integer LP64 interface; it must export ``cblas_sgemm``, and

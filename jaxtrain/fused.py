@@ -91,7 +91,7 @@ def causal_attention(qkv_BT3NH: jax.Array, *, use_fused: Optional[bool] = None) 
     """
     if qkv_BT3NH.ndim != 5 or qkv_BT3NH.shape[2] != 3:
         raise ValueError(f"causal_attention needs q/k/v as [B, T, 3, N, H], got shape {qkv_BT3NH.shape}")
-    if blas.resolve(use_fused, qkv_BT3NH, setting="use_fused=True"):
+    if blas.resolve(use_fused, qkv_BT3NH, setting="use_fused=True") and qkv_BT3NH.size > 0:
         return _fused_attention(qkv_BT3NH)
     return reference_attention(qkv_BT3NH)
 
@@ -130,7 +130,7 @@ def bias_gelu(y: jax.Array, bias: Optional[jax.Array] = None, *, use_fused: Opti
     if bias is not None and bias.shape != y.shape[-1:]:
         raise ValueError(f"bias_gelu needs a bias of shape {y.shape[-1:]}, got {bias.shape}")
     operands = (y,) if bias is None else (y, bias)
-    if not blas.resolve(use_fused, *operands, setting="use_fused=True") or y.ndim == 0:
+    if not blas.resolve(use_fused, *operands, setting="use_fused=True") or y.ndim == 0 or y.size == 0:
         return reference_bias_gelu(y, bias)
     b_F = jnp.zeros(y.shape[-1:], jnp.float32) if bias is None else bias
     return _fused_bias_gelu(y.reshape(-1, y.shape[-1]), b_F).reshape(y.shape)
@@ -185,7 +185,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: Optional[jax.Array] = None,
         if v is not None and v.shape != x.shape[-1:]:
             raise ValueError(f"layer_norm needs a {name} of shape {x.shape[-1:]}, got {v.shape}")
     operands = (x, scale) if bias is None else (x, scale, bias)
-    if x.ndim == 0 or x.shape[-1] == 0 or not blas.resolve(use_fused, *operands, setting="use_fused=True"):
+    if x.ndim == 0 or x.size == 0 or not blas.resolve(use_fused, *operands, setting="use_fused=True"):
         return reference_layer_norm(x, scale, bias, eps)
     b_C = jnp.zeros(x.shape[-1:], jnp.float32) if bias is None else bias
     return _fused_layer_norm(x.reshape(-1, x.shape[-1]), scale, b_C, float(eps)).reshape(x.shape)

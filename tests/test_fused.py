@@ -127,6 +127,27 @@ def test_vmap_over_the_kernels():
     np.testing.assert_allclose(h, jax.vmap(fused.reference_bias_gelu)(u, b), rtol=2e-6, atol=1e-6)
 
 
+@needs_kernels
+def test_independent_kernels_in_one_program_share_the_thread_pool():
+    # XLA may run independent custom calls side by side; each splits its work over the same pool
+    qkvs = [_normal((2, 70, 3, 2, 8), seed=s) for s in range(4)]
+    f = jax.jit(lambda *q: [fused.causal_attention(x, use_fused=True) for x in q]
+                + [fused.bias_gelu(x.reshape(140, -1), use_fused=True) for x in q])
+    for _ in range(5):
+        outs = f(*qkvs)
+        for x, y, h in zip(qkvs, outs[:4], outs[4:]):
+            np.testing.assert_allclose(y, fused.reference_attention(x), rtol=1e-5, atol=2e-6)
+            np.testing.assert_allclose(h, fused.reference_bias_gelu(x.reshape(140, -1), None), rtol=2e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_empty_shapes():
+    for shape in [(0, 4, 3, 2, 8), (2, 0, 3, 2, 8), (1, 4, 3, 2, 0)]:
+        assert fused.causal_attention(jnp.ones(shape), use_fused=True).shape == shape[:2] + shape[3:]
+    assert fused.bias_gelu(jnp.ones((0, 5)), jnp.ones(5), use_fused=True).shape == (0, 5)
+    assert fused.layer_norm(jnp.ones((0, 5)), jnp.ones(5), use_fused=True).shape == (0, 5)
+
+
 def test_errors_and_fallbacks_name_the_problem():
     with pytest.raises(ValueError, match=r"\[B, T, 3, N, H\].*\(2, 5, 4\)"):
         fused.causal_attention(jnp.ones((2, 5, 4)))
