@@ -14,7 +14,7 @@
 // leaves the cache, and the backward recomputes the probabilities from the
 // saved log-sum-exp (as FlashAttention does) instead of storing [B, N, T, T].
 // Heads are spread over XLA's intra-op thread pool, each BLAS call then runs
-// single-threaded (mkl_set_num_threads_local).
+// single-threaded (MKL_Set_Num_Threads_Local).
 //
 // JaxtrainGeluFwd / JaxtrainGeluBwd: h = gelu(y + b) (exact, erf-based) and
 // its backward du = dh * gelu'(y + b), db = sum of du over rows, each in one
@@ -28,7 +28,6 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -197,13 +196,11 @@ inline float Exp(float x) {
 inline float NormalCdf(float u) {
   const float z = std::fabs(u) * 0.70710678118654752f;
   const float t = 1.0f / (1.0f + 0.5f * z);
-  const float poly =
-      -1.26551223f +
-      t * (1.00002368f +
-           t * (0.37409196f +
-                t * (0.09678418f +
-                     t * (-0.18628806f +
-                          t * (0.27886807f + t * (-1.13520398f + t * (1.48851587f + t * (-0.82215223f + t * 0.17087277f))))))));
+  // Horner's scheme, highest coefficient first
+  float poly = 0.17087277f;
+  for (const float c : {-0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f, -0.18628806f, 0.09678418f,
+                        0.37409196f, 1.00002368f, -1.26551223f})
+    poly = poly * t + c;
   const float half_tail = 0.5f * t * Exp(poly - z * z);  // Phi(-|u|)
   return u >= 0.0f ? 1.0f - half_tail : half_tail;
 }
@@ -220,9 +217,11 @@ struct AttentionShape {
 
 ffi::Error AttentionShapeOf(ffi::Buffer<ffi::F32>& qkv, AttentionShape* s) {
   auto d = qkv.dimensions();
-  if (d.size() != 5 || d[2] != 3) return ffi::Error::InvalidArgument("jaxtrain attention: qkv must be [B, T, 3, N, H]");
+  if (d.size() != 5 || d[2] != 3)
+    return ffi::Error::InvalidArgument("jaxtrain attention: qkv must be [B, T, 3, N, H]");
   *s = AttentionShape{d[0], d[1], d[3], d[4], d[3] * d[4]};
-  if (s->T * 3 * s->C > 2147483647) return ffi::Error::InvalidArgument("jaxtrain attention: a sequence is too long for 32-bit BLAS strides");
+  if (s->T * 3 * s->C > 2147483647)
+    return ffi::Error::InvalidArgument("jaxtrain attention: a sequence is too long for 32-bit BLAS strides");
   return ffi::Error::Success();
 }
 

@@ -209,7 +209,7 @@ def resolve(use_blas: Optional[bool], *arrays: jax.Array, setting: str = "use_bl
     if use_blas is None:
         return enabled(*arrays)
     if use_blas and (why := why_not(*arrays)) is not None:
-        raise RuntimeError(f"{setting} but the BLAS matmul cannot run: {why}")
+        raise RuntimeError(f"{setting} but the BLAS path cannot run: {why}")
     return bool(use_blas)
 
 

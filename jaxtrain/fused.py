@@ -1,11 +1,11 @@
 """Fused float32 CPU kernels for the GPT: causal attention, bias + GELU, LayerNorm.
 
-XLA:CPU runs a transformer's softmax and GELU as several loop fusions over
-memory (``benchmarks/RESULTS.md``: ~0.7-1.9 ns per element each). These two
-kernels do the same work in one pass each, as XLA FFI calls into
-``_cpu_kernels.cc`` (built and loaded with :mod:`jaxtrain.blas`, under the
-same conditions: float32 on one CPU device with MKL; :func:`why_not` says why
-not). Both are differentiable (reverse mode) and match the plain JAX
+XLA:CPU runs a transformer's softmax, GELU and LayerNorm as several loop
+fusions over memory (``benchmarks/RESULTS.md``: ~0.7-1.9 ns per element
+each). These kernels do the same work in one pass each way, as XLA FFI calls
+into ``_cpu_kernels.cc`` (built and loaded with :mod:`jaxtrain.blas`, under
+the same conditions: float32 on one CPU device with MKL; :func:`why_not` says
+why not). They are differentiable (reverse mode) and match the plain JAX
 definitions to float rounding; ``tests/test_fused.py`` checks values and
 gradients against them.
 
@@ -20,7 +20,8 @@ gradients against them.
   and ``1 / std``; its backward sums the scale and bias gradients in the same
   pass.
 
-Both fall back to the plain JAX definition when the kernels cannot run.
+Each falls back to its plain JAX definition (``reference_*``) where the
+kernels cannot run, and for empty arrays.
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ def why_not(*arrays: jax.Array) -> Optional[str]:
     return blas.why_not(*arrays, devices=True)
 
 
+def _use_kernel(use_fused: Optional[bool], x: jax.Array, *operands: jax.Array) -> bool:
+    """``use_fused`` resolved as :func:`jaxtrain.blas.resolve` does; empty or 0-d ``x`` takes plain JAX."""
+    return blas.resolve(use_fused, x, *operands, setting="use_fused=True") and x.ndim > 0 and x.size > 0
+
+
+def _f32(*shape: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _ffi(target: str, results, *args: jax.Array, **attrs):
+    return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attrs)
+
+
 # --------------------------------------------------------------------------- attention
 
 def reference_attention(qkv_BT3NH: jax.Array) -> jax.Array:
@@ -55,10 +69,13 @@ def reference_attention(qkv_BT3NH: jax.Array) -> jax.Array:
     return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
 
 
+def _scale(qkv) -> np.float32:
+    return np.float32(1.0 / math.sqrt(qkv.shape[-1]))
+
+
 def _attention_fwd_call(qkv):
     B, T, _, N, H = qkv.shape
-    out = (jax.ShapeDtypeStruct((B, T, N, H), jnp.float32), jax.ShapeDtypeStruct((B, N, T), jnp.float32))
-    return jax.ffi.ffi_call("jaxtrain_attention_fwd", out, vmap_method="sequential")(qkv, scale=np.float32(1.0 / math.sqrt(H)))
+    return _ffi("jaxtrain_attention_fwd", (_f32(B, T, N, H), _f32(B, N, T)), qkv, scale=_scale(qkv))
 
 
 @jax.custom_vjp
@@ -73,9 +90,7 @@ def _fused_attention_fwd(qkv):
 
 def _fused_attention_bwd(res, dy):
     qkv, y, lse = res
-    H = qkv.shape[-1]
-    out = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
-    return (jax.ffi.ffi_call("jaxtrain_attention_bwd", out, vmap_method="sequential")(qkv, y, lse, dy, scale=np.float32(1.0 / math.sqrt(H))),)
+    return (_ffi("jaxtrain_attention_bwd", _f32(*qkv.shape), qkv, y, lse, dy, scale=_scale(qkv)),)
 
 
 _fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
@@ -91,7 +106,7 @@ def causal_attention(qkv_BT3NH: jax.Array, *, use_fused: Optional[bool] = None) 
     """
     if qkv_BT3NH.ndim != 5 or qkv_BT3NH.shape[2] != 3:
         raise ValueError(f"causal_attention needs q/k/v as [B, T, 3, N, H], got shape {qkv_BT3NH.shape}")
-    if blas.resolve(use_fused, qkv_BT3NH, setting="use_fused=True") and qkv_BT3NH.size > 0:
+    if _use_kernel(use_fused, qkv_BT3NH):
         return _fused_attention(qkv_BT3NH)
     return reference_attention(qkv_BT3NH)
 
@@ -105,7 +120,7 @@ def reference_bias_gelu(y: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
 
 @jax.custom_vjp
 def _fused_bias_gelu(y_MF, b_F):
-    return jax.ffi.ffi_call("jaxtrain_gelu_fwd", jax.ShapeDtypeStruct(y_MF.shape, jnp.float32), vmap_method="sequential")(y_MF, b_F)
+    return _ffi("jaxtrain_gelu_fwd", _f32(*y_MF.shape), y_MF, b_F)
 
 
 def _fused_bias_gelu_fwd(y_MF, b_F):
@@ -114,8 +129,7 @@ def _fused_bias_gelu_fwd(y_MF, b_F):
 
 def _fused_bias_gelu_bwd(res, dh_MF):
     y_MF, b_F = res
-    out = (jax.ShapeDtypeStruct(y_MF.shape, jnp.float32), jax.ShapeDtypeStruct(b_F.shape, jnp.float32))
-    return tuple(jax.ffi.ffi_call("jaxtrain_gelu_bwd", out, vmap_method="sequential")(y_MF, b_F, dh_MF))
+    return tuple(_ffi("jaxtrain_gelu_bwd", (_f32(*y_MF.shape), _f32(*b_F.shape)), y_MF, b_F, dh_MF))
 
 
 _fused_bias_gelu.defvjp(_fused_bias_gelu_fwd, _fused_bias_gelu_bwd)
@@ -129,8 +143,7 @@ def bias_gelu(y: jax.Array, bias: Optional[jax.Array] = None, *, use_fused: Opti
     """
     if bias is not None and bias.shape != y.shape[-1:]:
         raise ValueError(f"bias_gelu needs a bias of shape {y.shape[-1:]}, got {bias.shape}")
-    operands = (y,) if bias is None else (y, bias)
-    if not blas.resolve(use_fused, *operands, setting="use_fused=True") or y.ndim == 0 or y.size == 0:
+    if not _use_kernel(use_fused, y, *([] if bias is None else [bias])):
         return reference_bias_gelu(y, bias)
     b_F = jnp.zeros(y.shape[-1:], jnp.float32) if bias is None else bias
     return _fused_bias_gelu(y.reshape(-1, y.shape[-1]), b_F).reshape(y.shape)
@@ -152,10 +165,7 @@ def _fused_layer_norm(x_MC, g_C, b_C, eps):
 
 def _layer_norm_fwd_call(x_MC, g_C, b_C, eps):
     M, C = x_MC.shape
-    out = (jax.ShapeDtypeStruct((M, C), jnp.float32), jax.ShapeDtypeStruct((M,), jnp.float32),
-           jax.ShapeDtypeStruct((M,), jnp.float32))
-    return jax.ffi.ffi_call("jaxtrain_layer_norm_fwd", out, vmap_method="sequential")(x_MC, g_C, b_C,
-                                                                                       eps=np.float32(eps))
+    return _ffi("jaxtrain_layer_norm_fwd", (_f32(M, C), _f32(M), _f32(M)), x_MC, g_C, b_C, eps=np.float32(eps))
 
 
 def _fused_layer_norm_fwd(x_MC, g_C, b_C, eps):
@@ -165,10 +175,8 @@ def _fused_layer_norm_fwd(x_MC, g_C, b_C, eps):
 
 def _fused_layer_norm_bwd(eps, res, dy_MC):
     x_MC, g_C, mean, rstd = res
-    out = (jax.ShapeDtypeStruct(x_MC.shape, jnp.float32), jax.ShapeDtypeStruct(g_C.shape, jnp.float32),
-           jax.ShapeDtypeStruct(g_C.shape, jnp.float32))
-    return tuple(jax.ffi.ffi_call("jaxtrain_layer_norm_bwd", out, vmap_method="sequential")(
-        x_MC, g_C, mean, rstd, dy_MC))
+    results = (_f32(*x_MC.shape), _f32(*g_C.shape), _f32(*g_C.shape))
+    return tuple(_ffi("jaxtrain_layer_norm_bwd", results, x_MC, g_C, mean, rstd, dy_MC))
 
 
 _fused_layer_norm.defvjp(_fused_layer_norm_fwd, _fused_layer_norm_bwd)
@@ -184,8 +192,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: Optional[jax.Array] = None,
     for name, v in (("scale", scale), ("bias", bias)):
         if v is not None and v.shape != x.shape[-1:]:
             raise ValueError(f"layer_norm needs a {name} of shape {x.shape[-1:]}, got {v.shape}")
-    operands = (x, scale) if bias is None else (x, scale, bias)
-    if x.ndim == 0 or x.size == 0 or not blas.resolve(use_fused, *operands, setting="use_fused=True"):
+    if not _use_kernel(use_fused, x, scale, *([] if bias is None else [bias])):
         return reference_layer_norm(x, scale, bias, eps)
     b_C = jnp.zeros(x.shape[-1:], jnp.float32) if bias is None else bias
     return _fused_layer_norm(x.reshape(-1, x.shape[-1]), scale, b_C, float(eps)).reshape(x.shape)

@@ -52,7 +52,7 @@ def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def _norm(ln: nnx.LayerNorm, x: jax.Array, use_blas: bool | None) -> jax.Array:
     """``ln(x)``; on the BLAS path (float32 on one CPU device) as one fused kernel each way."""
-    if x.dtype == jnp.float32 and _blas_on(use_blas, x):
+    if _blas_on(use_blas, x):
         bias = None if ln.bias is None else ln.bias[...]
         return fused.layer_norm(x, ln.scale[...], bias, eps=ln.epsilon, use_fused=True)
     return ln(x)
