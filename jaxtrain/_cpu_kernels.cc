@@ -487,6 +487,78 @@ ffi::Error LayerNormBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------
+// AdamW: one pass over a parameter's gradient, value and moments.
+
+// Hyper-parameters, in the order of the hp operand (optim.py fills it).
+enum { kNorm, kMaxNorm, kB1, kB2, kEps, kEpsRoot, kDecay, kLr, kBc1, kBc2, kApply, kNumHp };
+constexpr int64_t kAdamChunk = 16384;
+
+// One chunk [lo, hi): optax's clip_by_global_norm, scale_by_adam,
+// add_decayed_weights, scale_by_learning_rate and apply_updates, operation by
+// operation; sums[0] += u^2, sums[1] += p'^2 (in double).
+template <bool kClip, bool kDecayed>
+void AdamWChunk(const float* g, const float* p, const float* mu, const float* nu, const float* hp, float* po,
+                float* muo, float* nuo, int64_t lo, int64_t hi, double* sums) {
+  const float norm = hp[kNorm], max_norm = hp[kMaxNorm], b1 = hp[kB1], b2 = hp[kB2], eps = hp[kEps];
+  const float eps_root = hp[kEpsRoot], wd = hp[kDecay], step = -1.0f * hp[kLr], bc1 = hp[kBc1], bc2 = hp[kBc2];
+  const float c1 = 1.0f - b1, c2 = 1.0f - b2;
+  const bool apply = hp[kApply] != 0.0f;
+  double su = 0.0, sp = 0.0;
+#pragma omp simd reduction(+ : su, sp)
+  for (int64_t i = lo; i < hi; ++i) {
+    // All loads first: the outputs may be the inputs' own buffers.
+    const float gi = g[i], pi = p[i], mi = mu[i], vi = nu[i];
+    const float gc = kClip ? (gi / norm) * max_norm : gi;
+    const float m = c1 * gc + b1 * mi;
+    const float v = c2 * (gc * gc) + b2 * vi;
+    float u = (m / bc1) / (std::sqrt(v / bc2 + eps_root) + eps);
+    if (kDecayed) u = u + wd * pi;
+    u = step * u;
+    const float pn = apply ? pi + u : pi;
+    po[i] = pn;
+    muo[i] = apply ? m : mi;
+    nuo[i] = apply ? v : vi;
+    su += static_cast<double>(u) * u;
+    sp += static_cast<double>(pn) * pn;
+  }
+  sums[0] += su;
+  sums[1] += sp;
+}
+
+ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> p,
+                     ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> nu, ffi::Buffer<ffi::F32> hp,
+                     ffi::ResultBuffer<ffi::F32> p_out, ffi::ResultBuffer<ffi::F32> mu_out,
+                     ffi::ResultBuffer<ffi::F32> nu_out, ffi::ResultBuffer<ffi::F32> sums, bool decayed) {
+  const int64_t n = g.element_count();
+  if (p.element_count() != n || mu.element_count() != n || nu.element_count() != n || hp.element_count() != kNumHp)
+    return ffi::Error::InvalidArgument("jaxtrain adamw: gradient, parameter and moments differ in size, or hp "
+                                       "is not [11]");
+  const float* h = hp.typed_data();
+  // optax's clip_by_global_norm: t if norm < max_norm else (t / norm) * max_norm; max_norm <= 0: no clip.
+  const bool clip = h[kMaxNorm] > 0.0f && !(h[kNorm] < h[kMaxNorm]);
+  auto kernel = clip ? (decayed ? AdamWChunk<true, true> : AdamWChunk<true, false>)
+                     : (decayed ? AdamWChunk<false, true> : AdamWChunk<false, false>);
+  const int chunks = static_cast<int>(std::max<int64_t>(1, (n + kAdamChunk - 1) / kAdamChunk));
+  std::vector<double> partial(2 * static_cast<size_t>(chunks), 0.0);
+  const float *pg = g.typed_data(), *pp = p.typed_data(), *pm = mu.typed_data(), *pv = nu.typed_data();
+  float *po = p_out->typed_data(), *pmo = mu_out->typed_data(), *pvo = nu_out->typed_data();
+  auto run = [&](int c) {
+    kernel(pg, pp, pm, pv, h, po, pmo, pvo, c * kAdamChunk, std::min(n, (c + 1) * kAdamChunk), &partial[2 * c]);
+  };
+  if (chunks == 1) {
+    run(0);
+  } else {
+    ParallelFor(pool, chunks, run);
+  }
+  double su = 0.0, sp = 0.0;
+  for (int c = 0; c < chunks; ++c) su += partial[2 * c], sp += partial[2 * c + 1];
+  sums->typed_data()[0] = static_cast<float>(su);
+  sums->typed_data()[1] = static_cast<float>(sp);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Bindings: each handler's arguments, results and attributes, in order.
@@ -530,3 +602,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainLayerNormBwd, LayerNormBwdImpl,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()  // x, scale, mean, rstd, dy
                                   .Ret<F32>().Ret<F32>().Ret<F32>());  // dx, dscale, dbias
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtrainAdamW, AdamWImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()  // grad, param, mu, nu
+                                  .Arg<F32>()                                   // hp [11]
+                                  .Ret<F32>().Ret<F32>().Ret<F32>()             // param, mu, nu (aliased)
+                                  .Ret<F32>()                                   // [sum u^2, sum param^2]
+                                  .Attr<bool>("decayed"));

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import jax
 import optax
 
+from jaxtrain import fused_optim
 from jaxtrain.config import OptimConfig
 
 PyTree = Any
@@ -69,7 +70,8 @@ def decay_mask(params: PyTree, *, decay_embeddings: bool = True) -> PyTree:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: Optional[int] = None, *,
-                   mask: Optional[Callable[[PyTree], PyTree] | PyTree] = None) -> optax.GradientTransformation:
+                   mask: Optional[Callable[[PyTree], PyTree] | PyTree] = None,
+                   fused: Optional[bool] = None) -> optax.GradientTransformation:
     """``optax.chain(clip_by_global_norm(max_grad_norm), adamw(schedule, b1, b2, eps, wd, mask))``.
 
     Args:
@@ -77,6 +79,12 @@ def make_optimizer(cfg: OptimConfig, total_steps: Optional[int] = None, *,
       total_steps: length of the schedule when ``cfg.decay_steps`` is unset.
       mask: weight-decay mask (pytree of bools or a function of params);
         defaults to :func:`decay_mask` with ``cfg.decay_embeddings``.
+      fused: None lets :func:`jaxtrain.train_step` apply the chain as one CPU
+        kernel pass per parameter where the CPU kernels can run (float32, one
+        CPU device, MKL; :mod:`jaxtrain.fused_optim`: the same arithmetic, ~3x
+        faster); True requires it (also with several devices) and raises where
+        it cannot run; False returns the plain optax chain (e.g. to
+        differentiate through the step).
 
     With the default mask, equal ``(cfg, total_steps)`` return the same
     transform object: ``tx`` is static metadata of :class:`TrainState`, so two
@@ -89,21 +97,23 @@ def make_optimizer(cfg: OptimConfig, total_steps: Optional[int] = None, *,
     if total_steps is None and cfg.decay_steps is None and cfg.schedule != "constant":
         raise ValueError("make_optimizer: pass total_steps or set optim.decay_steps for a decaying schedule")
     if mask is None:
-        return _default_optimizer(cfg, total_steps)
-    return _build(cfg, total_steps, mask)
+        return _default_optimizer(cfg, total_steps, fused)
+    return _build(cfg, total_steps, mask, fused)
 
 
 @functools.lru_cache(maxsize=64)
-def _default_optimizer(cfg: OptimConfig, total_steps: Optional[int]) -> optax.GradientTransformation:
-    return _build(cfg, total_steps, lambda p: decay_mask(p, decay_embeddings=cfg.decay_embeddings))
+def _default_optimizer(cfg: OptimConfig, total_steps: Optional[int],
+                       fused: Optional[bool]) -> optax.GradientTransformation:
+    return _build(cfg, total_steps, lambda p: decay_mask(p, decay_embeddings=cfg.decay_embeddings), fused)
 
 
-def _build(cfg: OptimConfig, total_steps: Optional[int], mask) -> optax.GradientTransformation:
+def _build(cfg: OptimConfig, total_steps: Optional[int], mask, fused: Optional[bool]) -> optax.GradientTransformation:
     schedule = make_schedule(cfg, total_steps or cfg.decay_steps or 1)
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
         learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
     clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity()
-    return optax.chain(clip, adamw)
+    chain = optax.chain(clip, adamw)
+    return chain if fused is False else fused_optim.clip_adamw(chain, max(cfg.max_grad_norm, 0.0), mask, fused)
 
 
 def current_lr(opt_state: PyTree) -> Optional[jax.Array]:

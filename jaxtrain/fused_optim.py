@@ -1,0 +1,160 @@
+"""``clip_by_global_norm`` + AdamW applied as one CPU kernel pass per parameter.
+
+XLA:CPU runs an optax chain's update as many loop fusions per parameter
+(clip, both moments, bias corrections, weight decay, learning rate, the add,
+the skip-non-finite selects and the norm metrics), and with a donated state
+it first copies each parameter and moment so that it can still read the old
+value: ~1.3 GB of memory traffic per step for the 10.8M-parameter benchmark
+GPT (``benchmarks/RESULTS.md``). The kernel here reads each gradient,
+parameter and moment once and writes the new parameter and moments in place,
+~0.3 GB.
+
+It is the same arithmetic as optax, operation by operation, and is used only
+for :func:`jaxtrain.make_optimizer`'s own chain (marked :class:`ClipAdamW`)
+where the CPU kernels can run (float32 on one CPU device with MKL, as
+:mod:`jaxtrain.fused`). Optax itself still provides the state layout, the
+step counters and the hyper-parameters in force (the learning-rate schedule):
+its update is traced too, and XLA removes its unused per-parameter arithmetic.
+``tests/test_fused_optim.py`` checks the result against the optax path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxtrain import blas
+
+PyTree = Any
+
+_TARGET = "jaxtrain_adamw"
+_HP = ("norm", "max_norm", "b1", "b2", "eps", "eps_root", "weight_decay", "learning_rate", "bc1", "bc2", "apply")
+
+
+class ClipAdamW(optax.GradientTransformationExtraArgs):
+    """``optax.chain(clip_by_global_norm(max_grad_norm), inject_hyperparams(adamw)(...))``.
+
+    An ordinary optax transform (``init`` / ``update``) that
+    :func:`jaxtrain.train_step` may also apply with :func:`fused_update`.
+    Besides the state that needs ``max_grad_norm`` (0: no clip), the weight-decay
+    ``mask`` (a pytree of bools or a function of params) and ``fused`` (None:
+    where the kernels can run; True: always, else raise).
+    """
+
+    max_grad_norm: float
+    mask: Any
+    fused: Optional[bool]
+
+
+def clip_adamw(chain: optax.GradientTransformationExtraArgs, max_grad_norm: float, mask,
+               fused: Optional[bool] = None) -> ClipAdamW:
+    tx = ClipAdamW(chain.init, chain.update)
+    tx.max_grad_norm, tx.mask, tx.fused = float(max_grad_norm), mask, fused
+    return tx
+
+
+def _is_adam(x) -> bool:
+    return isinstance(x, optax.ScaleByAdamState)
+
+
+def _has_hyperparams(x) -> bool:
+    return hasattr(x, "hyperparams") and hasattr(x, "inner_state")
+
+
+def why_not(tx: optax.GradientTransformation, params: PyTree, grads: PyTree) -> Optional[str]:
+    """None if :func:`fused_update` can apply ``tx`` to these arrays, else why not.
+
+    With ``fused=None`` the process must have one device, as for the model's
+    kernels (:func:`jaxtrain.blas.why_not`); ``fused=True`` also runs with several.
+    """
+    if not isinstance(tx, ClipAdamW) or tx.fused is False:
+        return "the optimizer is not jaxtrain.make_optimizer's clip + AdamW chain with fused=None or True"
+    leaves = jax.tree.leaves(params) + jax.tree.leaves(grads)
+    if not leaves:
+        return "there are no parameters"
+    if _decay_flags(tx.mask, params) is None:
+        return "the weight-decay mask is not a pytree of Python bools like the params"
+    return blas.why_not(*leaves, devices=tx.fused is None)
+
+
+def _adamw_call(grad, param, mu, nu, hp, decayed: bool):
+    like = jax.ShapeDtypeStruct(param.shape, jnp.float32)
+    call = jax.ffi.ffi_call(_TARGET, (like, like, like, jax.ShapeDtypeStruct((2,), jnp.float32)),
+                            input_output_aliases={1: 0, 2: 1, 3: 2}, vmap_method="sequential")
+    return call(grad, param, mu, nu, hp, decayed=decayed)
+
+
+def _decay_flags(mask, params: PyTree) -> Optional[PyTree]:
+    """The weight-decay mask as a pytree of Python bools like ``params``; None if it is not static."""
+    tree = mask(params) if callable(mask) else mask
+    if tree is None:
+        return jax.tree.map(lambda _: True, params)
+    try:
+        flags = jax.tree.map(lambda m, _: m, tree, params)
+    except ValueError:  # a prefix mask or another structure: leave it to optax
+        return None
+    if not all(isinstance(f, (bool, np.bool_)) for f in jax.tree.leaves(flags)):
+        return None
+    return jax.tree.map(bool, flags)
+
+
+def fused_update(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyTree, params: PyTree,
+                 grad_norm: jax.Array, apply: jax.Array | bool = True
+                 ) -> Optional[tuple[PyTree, PyTree, jax.Array, jax.Array]]:
+    """``tx``'s update applied in one kernel pass per parameter, or None where it cannot be.
+
+    Args:
+      tx: a :class:`ClipAdamW` (from :func:`jaxtrain.make_optimizer`).
+      grads, opt_state, params: as for ``tx.update``; float32.
+      grad_norm: the global norm of ``grads`` (the clip uses it).
+      apply: a bool scalar; where False, params and the whole optimizer state
+        stay as they were (the skip of a non-finite step).
+    Returns:
+      ``(params, opt_state, update_norm, param_norm)`` equal to
+      ``optax.apply_updates(params, updates)``, the new state, ``optax.tree.norm(updates)``
+      and the norm of the returned params; None when :func:`why_not` gives a
+      reason, unless ``tx.fused`` is True: then ``RuntimeError`` with the reason.
+    """
+    reason = why_not(tx, params, grads)
+    if reason is not None:
+        if isinstance(tx, ClipAdamW) and tx.fused:
+            raise RuntimeError(f"make_optimizer(fused=True) but the fused update cannot run: {reason}")
+        return None
+    flags = _decay_flags(tx.mask, params)
+    # Optax's own update: the new counters and the hyper-parameters it used for
+    # this step (schedules included). Only scalars of it are kept below, so XLA
+    # drops its per-parameter arithmetic.
+    _, reference = tx.update(grads, opt_state, params)
+    adam = [n for n in jax.tree.leaves(reference, is_leaf=_is_adam) if _is_adam(n)]
+    injected = [n for n in jax.tree.leaves(reference, is_leaf=_has_hyperparams) if _has_hyperparams(n)]
+    if len(adam) != 1 or len(injected) != 1:
+        return None
+    (adam,), hyper = adam, injected[0].hyperparams
+    old_adam = next(n for n in jax.tree.leaves(opt_state, is_leaf=_is_adam) if _is_adam(n))
+    apply = jnp.asarray(apply, bool)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    # The bias corrections exactly as optax writes them (1 - decay ** count).
+    values = dict(norm=grad_norm, max_norm=tx.max_grad_norm, b1=hyper["b1"], b2=hyper["b2"], eps=hyper["eps"],
+                  eps_root=hyper["eps_root"], weight_decay=hyper["weight_decay"],
+                  learning_rate=hyper["learning_rate"], bc1=1 - hyper["b1"] ** adam.count,
+                  bc2=1 - hyper["b2"] ** adam.count, apply=apply)
+    hp = jnp.stack([f32(values[k]) for k in _HP])
+
+    treedef = jax.tree.structure(params)
+    columns = [treedef.flatten_up_to(t) for t in (grads, params, old_adam.mu, old_adam.nu, flags)]
+    outs = [_adamw_call(g, p, m, v, hp, d) for g, p, m, v, d in zip(*columns)]
+    new_params, mu, nu = (treedef.unflatten([o[i] for o in outs]) for i in range(3))
+    sums = sum(o[3] for o in outs)
+
+    # Every other leaf of the state (counters, hyper-parameters) from optax, or
+    # the old one on a skipped step; then the kernel's moments.
+    strip = lambda s: jax.tree.map(  # noqa: E731
+        lambda n: n._replace(mu=None, nu=None) if _is_adam(n) else n, s, is_leaf=_is_adam)
+    scalars = jax.tree.map(lambda n, o: jnp.where(apply, n, o), strip(reference), strip(opt_state))
+    new_state = jax.tree.map(lambda n: n._replace(mu=mu, nu=nu) if _is_adam(n) else n, scalars, is_leaf=_is_adam)
+    return new_params, new_state, jnp.sqrt(sums[0]), jnp.sqrt(sums[1])
+
