@@ -58,6 +58,29 @@ def _norm(ln: nnx.LayerNorm, x: jax.Array, use_blas: bool | None) -> jax.Array:
     return ln(x)
 
 
+@jax.custom_vjp
+def _add_positions(tok_BTC: jax.Array, pos_TC: jax.Array) -> jax.Array:
+    """``tok_BTC + pos_TC``, broadcast over the batch."""
+    return tok_BTC + pos_TC
+
+
+def _add_positions_fwd(tok_BTC, pos_TC):
+    return tok_BTC + pos_TC, (jnp.zeros((0,), tok_BTC.dtype), jnp.zeros((0,), pos_TC.dtype))
+
+
+def _add_positions_bwd(dtypes, g_BTC):
+    # The position gradient is the sum over the batch. XLA:CPU reduces a [B, T, C]
+    # array over its leading axis ~25x slower (4.5 ms at 8 x 256 x 384) than it
+    # computes the same sum as a product with a vector of ones (0.16 ms).
+    tok_dtype, pos_dtype = (d.dtype for d in dtypes)
+    ones_B = jnp.ones(g_BTC.shape[0], g_BTC.dtype)
+    g_TC = jnp.einsum("b,btc->tc", ones_B, g_BTC, preferred_element_type=jnp.float32)
+    return g_BTC.astype(tok_dtype), g_TC.astype(pos_dtype)
+
+
+_add_positions.defvjp(_add_positions_fwd, _add_positions_bwd)
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         self.n_head = cfg.n_head
@@ -228,7 +251,7 @@ class GPT(nnx.Module):
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's block_size={cfg.block_size}")
         # positions 0..T-1 as a slice, not a gather: its gradient is a plain sum over the batch
-        x_BTC = (self.wte(idx_BT) + self.wpe.embedding[:T]).astype(dtype)
+        x_BTC = _add_positions(self.wte(idx_BT), self.wpe.embedding[:T]).astype(dtype)
         x_BTC = self.drop(x_BTC, deterministic=deterministic, rngs=rngs)
         for block in self.h:
             if cfg.remat:
