@@ -25,11 +25,15 @@ cached in ``~/.cache/jaxtrain/ext`` (``$JAXTRAIN_EXT_CACHE`` overrides).
 (with the 32-bit-integer LP64 interface; it must export ``cblas_sgemm``, and
 ``cblas_sgemm_batch_strided`` is used when present).
 
-Threads: MKL runs each product on its own OpenMP threads (one per core;
-``MKL_NUM_THREADS`` overrides), which go to sleep as soon as a product ends
-(``KMP_BLOCKTIME=0`` unless set) so that they leave the cores to XLA's threads
-in between. (Splitting each product into single-threaded blocks on XLA's own
-thread pool measured no faster: ``benchmarks/RESULTS.md``.)
+Threads: with MKL a 2-D product is split into one band of rows (or columns)
+per thread of XLA's intra-op pool, each an sgemm made single-threaded with
+``MKL_Set_Num_Threads_Local``: the pool's threads are already awake, and two
+products XLA runs side by side share the cores instead of each starting its
+own threads (3.5% faster GPT steps than MKL's own threads, measured alternating
+in one process; ``benchmarks/RESULTS.md``). Batched products and other BLAS
+libraries use the library's own threads (one per core; ``MKL_NUM_THREADS``
+overrides), which sleep as soon as a product ends (``KMP_BLOCKTIME=0`` unless
+set) so that they leave the cores to XLA's threads in between.
 """
 
 from __future__ import annotations

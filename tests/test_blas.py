@@ -59,6 +59,18 @@ def test_matmul_matches_xla_values_and_gradients(batch, ta, tb):
 
 
 @needs_blas
+@pytest.mark.parametrize("m,k,n", [(300, 70, 45), (33, 129, 500), (1, 64, 1), (17, 5, 16)])
+@pytest.mark.parametrize("ta,tb", TRANSPOSES)
+def test_2d_products_split_over_the_thread_pool_match_numpy(m, k, n, ta, tb):
+    # 2-D products run as bands of C's rows (m >= n) or columns, one per pool thread
+    a, b = _operands((), m, k, n, ta, tb, seed=m + n)
+    c = jax.jit(lambda a, b: blas.matmul(a, b, transpose_a=ta, transpose_b=tb, use_blas=True))(a, b)
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    expected = (a64.T if ta else a64) @ (b64.T if tb else b64)
+    np.testing.assert_allclose(c, expected, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+@needs_blas
 def test_matmul_is_a_blas_call_in_the_compiled_program():
     a, b = _operands((), 8, 4, 8, False, False)
     hlo = jax.jit(lambda a, b: blas.matmul(a, b, use_blas=True)).lower(a, b).as_text()
