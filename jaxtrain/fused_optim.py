@@ -39,8 +39,8 @@ class ClipAdamW(optax.GradientTransformationExtraArgs):
     """``optax.chain(clip_by_global_norm(max_grad_norm), inject_hyperparams(adamw)(...))``.
 
     An ordinary optax transform (``init`` / ``update``) that
-    :func:`jaxtrain.train_step` may also apply with :func:`fused_update`.
-    Besides the state that needs ``max_grad_norm`` (0: no clip), the weight-decay
+    :func:`jaxtrain.train_step` may also apply with :func:`fused_update`, which
+    needs, besides the state: ``max_grad_norm`` (0: no clip), the weight-decay
     ``mask`` (a pytree of bools or a function of params) and ``fused`` (None:
     where the kernels can run; True: always, else raise).
     """

@@ -224,7 +224,10 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
         and report ``nonfinite=1``.
       diagnostics: also report per-module gradient norms, update-to-parameter
         ratios and what the model sows (the GPT: attention-logit statistics);
-        see :mod:`jaxtrain.diagnostics`. False traces none of it.
+        see :mod:`jaxtrain.diagnostics`. False traces none of it. (With
+        diagnostics the update always takes optax's path, never the fused
+        kernel of :mod:`jaxtrain.fused_optim`, which ``make_optimizer``'s chain
+        otherwise uses where the CPU kernels can run.)
       max_grad_norm: the clipping threshold inside ``state.tx``; with
         diagnostics, ``clipped`` (1.0 when the gradient was rescaled) is reported.
     Returns:
