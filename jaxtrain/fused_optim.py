@@ -71,14 +71,21 @@ def why_not(tx: optax.GradientTransformation, params: PyTree, grads: PyTree) -> 
     With ``fused=None`` the process must have one device, as for the model's
     kernels (:func:`jaxtrain.blas.why_not`); ``fused=True`` also runs with several.
     """
+    return _plan(tx, params, grads)[0]
+
+
+def _plan(tx, params: PyTree, grads: PyTree) -> tuple[Optional[str], Optional[PyTree]]:
+    """``(why not, None)``, or ``(None, the weight-decay flags)`` when the kernel can run."""
     if not isinstance(tx, ClipAdamW) or tx.fused is False:
-        return "the optimizer is not jaxtrain.make_optimizer's clip + AdamW chain with fused=None or True"
+        return "the optimizer is not jaxtrain.make_optimizer's clip + AdamW chain with fused=None or True", None
     leaves = jax.tree.leaves(params) + jax.tree.leaves(grads)
     if not leaves:
-        return "there are no parameters"
-    if _decay_flags(tx.mask, params) is None:
-        return "the weight-decay mask is not a pytree of Python bools like the params"
-    return blas.why_not(*leaves, devices=tx.fused is None)
+        return "there are no parameters", None
+    flags = _decay_flags(tx.mask, params)
+    if flags is None:
+        return "the weight-decay mask is not a pytree of Python bools like the params", None
+    reason = blas.why_not(*leaves, devices=tx.fused is None)
+    return reason, None if reason else flags
 
 
 def _adamw_call(grad, param, mu, nu, hp, decayed: bool):
@@ -119,12 +126,11 @@ def fused_update(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyT
       and the norm of the returned params; None when :func:`why_not` gives a
       reason, unless ``tx.fused`` is True: then ``RuntimeError`` with the reason.
     """
-    reason = why_not(tx, params, grads)
+    reason, flags = _plan(tx, params, grads)
     if reason is not None:
         if isinstance(tx, ClipAdamW) and tx.fused:
             raise RuntimeError(f"make_optimizer(fused=True) but the fused update cannot run: {reason}")
         return None
-    flags = _decay_flags(tx.mask, params)
     # Optax's own update: the new counters and the hyper-parameters it used for
     # this step (schedules included). Only scalars of it are kept below, so XLA
     # drops its per-parameter arithmetic.

@@ -94,6 +94,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: Optional[int] = None, *,
 
         tx = make_optimizer(OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0))
     """
+    if fused not in (None, True, False):
+        raise ValueError(f"make_optimizer: fused={fused!r}; must be None (where the CPU kernels can run), "
+                         "True or False")
     if total_steps is None and cfg.decay_steps is None and cfg.schedule != "constant":
         raise ValueError("make_optimizer: pass total_steps or set optim.decay_steps for a decaying schedule")
     if mask is None:

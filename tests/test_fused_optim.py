@@ -248,6 +248,8 @@ def test_fused_update_declines_what_it_cannot_apply(monkeypatch):
     grads = jax.tree.map(jnp.ones_like, params)
     plain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
     assert "not jaxtrain.make_optimizer" in fused_optim.why_not(plain, params, grads)
+    with pytest.raises(ValueError, match="fused='yes'"):
+        make_optimizer(OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0), fused="yes")
     off = make_optimizer(OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0), fused=False)
     assert fused_optim.why_not(off, params, grads) is not None
     assert fused_optim.fused_update(plain, grads, plain.init(params), params, jnp.float32(1.0)) is None

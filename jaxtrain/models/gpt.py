@@ -65,6 +65,7 @@ def _add_positions(tok_BTC: jax.Array, pos_TC: jax.Array) -> jax.Array:
 
 
 def _add_positions_fwd(tok_BTC, pos_TC):
+    # Residuals must be arrays: empty ones carry the two input dtypes for the cotangents.
     return tok_BTC + pos_TC, (jnp.zeros((0,), tok_BTC.dtype), jnp.zeros((0,), pos_TC.dtype))
 
 
