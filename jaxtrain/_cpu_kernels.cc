@@ -734,20 +734,23 @@ ffi::Error LayerNormBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
       const float* xr = px + i * C;
       const float* dyr = pdy + i * C;
       float* dxr = pdx + i * C;
+      const float* gamma = pg;  // a local copy: read through the lambda's capture, the loop stayed scalar
       const float mu = pm[i], r = pr[i];
       float s1 = 0.0f, s2 = 0.0f;  // sums of g = dy * scale and of g * xhat
 #pragma omp simd reduction(+ : s1, s2)
       for (int64_t j = 0; j < C; ++j) {
-        const float xhat = (xr[j] - mu) * r;
-        const float g = dyr[j] * pg[j];
+        const float g = dyr[j] * gamma[j];
         s1 += g;
-        s2 += g * xhat;
-        acc_g[j] += dyr[j] * xhat;
-        acc_b[j] += dyr[j];
+        s2 += g * ((xr[j] - mu) * r);
       }
       const float m1 = s1 / C, m2 = s2 / C;
 #pragma omp simd
-      for (int64_t j = 0; j < C; ++j) dxr[j] = r * (dyr[j] * pg[j] - m1 - (xr[j] - mu) * r * m2);
+      for (int64_t j = 0; j < C; ++j) {
+        const float xhat = (xr[j] - mu) * r;
+        acc_g[j] += dyr[j] * xhat;
+        acc_b[j] += dyr[j];
+        dxr[j] = r * (dyr[j] * gamma[j] - m1 - xhat * m2);
+      }
     }
   });
   SumChunks(partial.data(), chunks, 2 * C, C, dscale->typed_data());
