@@ -344,8 +344,16 @@ inline int64_t RoundUp16(int64_t n) { return (n + 15) / 16 * 16; }
 // dst[t * H + h] = src[t * lds + h] for t < T: rows of one head gathered into a
 // contiguous block. One tight loop over the rows, so that the cache misses of
 // the first touch overlap instead of stalling the products one by one.
-void CopyRows(const float* src, int64_t lds, int64_t T, int64_t H, float* dst) {
-  for (int64_t t = 0; t < T; ++t) std::copy(src + t * lds, src + t * lds + H, dst + t * H);
+void CopyRows(const float* __restrict src, int64_t lds, int64_t T, int64_t H, float* __restrict dst) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) dst[t * H + h] = src[t * lds + h];  // inline: no memmove call per row
+}
+
+// row[valid, valid + 16) = 0 (within the row's n floats): past a query's last key, the products read
+// at most 5 keys further (a row tile's width - 1), and the vectorised softmax wrote up to 15 further.
+inline void ZeroPastDiagonal(float* row, int64_t valid, int64_t n) {
+  const int64_t end = std::min(valid + 16, n);
+  for (int64_t j = valid; j < end; ++j) row[j] = 0.0f;
 }
 
 // dst[h * ldd + t] = src[t * H + h] (contiguous [T, H] rows in), 0 for T <= t < ldd.
@@ -393,7 +401,7 @@ void AttentionFwdHeadTiles(const AttentionShape& s, float scale, const float* q,
         sum += row[j];
       }
       inv[i] = 1.0f / sum;
-      std::fill(row + valid, row + std::max(keys, vend), 0.0f);
+      ZeroPastDiagonal(row, valid, Tp);
       lse[r0 + i] = m + std::log(sum);
     }
     // O = P V over the keys each row tile sees, P unnormalised: each row of O is then divided by its sum
@@ -432,10 +440,6 @@ void AttentionBwdHeadTiles(const AttentionShape& s, float scale, const float* q,
     for (int64_t h = 0; h < H; ++h) dot += dyc[t * H + h] * y[t * C + h];
     dots[t] = dot;
   }
-  for (int64_t t = 0; t < T; ++t) {
-    std::fill(dk + t * ld, dk + t * ld + H, 0.0f);
-    std::fill(dv + t * ld, dv + t * ld + H, 0.0f);
-  }
   for (int64_t r0 = 0; r0 < T; r0 += kRows) {
     const int64_t rows = std::min(kRows, T - r0), keys = r0 + rows;
     float* p = Scratch(0, rows * Tp);
@@ -458,18 +462,24 @@ void AttentionBwdHeadTiles(const AttentionShape& s, float scale, const float* q,
         prow[j] = pj;
         drow[j] = pj * (drow[j] - dot) * scale;
       }
-      std::fill(prow + valid, prow + std::max(keys, vend), 0.0f);
-      std::fill(drow + valid, drow + std::max(keys, vend), 0.0f);
+      ZeroPastDiagonal(prow, valid, Tp);
+      ZeroPastDiagonal(drow, valid, Tp);
     }
     // dQ = dS K (dS already holds the scale) over the keys each row tile sees
     Product(rows, H, keys, 1.0f, ds, Tp, 1, kc, H, dq + r0 * ld, ld, false,
             [&](int64_t m0, int r, int64_t* k0, int64_t* k1, int64_t* n1) { *k0 = 0, *k1 = r0 + m0 + r, *n1 = H; });
-    // dK += dS^T Q and dV += P^T dO, each key tile over the queries that see it
+    // dK += dS^T Q and dV += P^T dO: the earlier keys add to what the earlier blocks wrote, this
+    // block's own keys (first seen here) are written, each key tile over the queries that see it
     const auto seen_by = [&](int64_t m0, int r, int64_t* k0, int64_t* k1, int64_t* n1) {
       *k0 = std::max<int64_t>(0, m0 - r0), *k1 = rows, *n1 = H;
     };
-    Product(keys, H, rows, 1.0f, ds, 1, Tp, qc + r0 * H, H, dk, ld, true, seen_by);
-    Product(keys, H, rows, 1.0f, p, 1, Tp, dyc + r0 * H, H, dv, ld, true, seen_by);
+    const auto seen_by_own = [&](int64_t m0, int r, int64_t* k0, int64_t* k1, int64_t* n1) {
+      *k0 = m0, *k1 = rows, *n1 = H;
+    };
+    Product(r0, H, rows, 1.0f, ds, 1, Tp, qc + r0 * H, H, dk, ld, true, seen_by);
+    Product(r0, H, rows, 1.0f, p, 1, Tp, dyc + r0 * H, H, dv, ld, true, seen_by);
+    Product(rows, H, rows, 1.0f, ds + r0, 1, Tp, qc + r0 * H, H, dk + r0 * ld, ld, false, seen_by_own);
+    Product(rows, H, rows, 1.0f, p + r0, 1, Tp, dyc + r0 * H, H, dv + r0 * ld, ld, false, seen_by_own);
   }
 }
 #endif
