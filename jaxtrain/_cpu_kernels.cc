@@ -10,12 +10,13 @@
 //
 // JaxtrainAttentionFwd / JaxtrainAttentionBwd: causal softmax attention of
 // one head at a time, read from and written to the fused [B, T, 3, N, H]
-// q/k/v layout (no transposes), in row blocks of kRows queries: only key
-// blocks at or before the query block are multiplied, the softmax never
-// leaves the cache, and the backward recomputes the probabilities from the
-// saved log-sum-exp (as FlashAttention does) instead of storing [B, N, T, T].
-// Heads are spread over XLA's intra-op thread pool, each BLAS call then runs
-// single-threaded (MKL_Set_Num_Threads_Local).
+// q/k/v layout (no transposes), in row blocks of kRows queries: only keys
+// at or before a query are multiplied, the softmax never leaves the cache,
+// and the backward recomputes the probabilities from the saved log-sum-exp
+// (as FlashAttention does) instead of storing [B, N, T, T]. Heads are spread
+// over XLA's intra-op thread pool. The products are AVX-512 register tiles
+// where the build has AVX-512 and the head size is a multiple of 16, else
+// single-threaded BLAS calls (MKL_Set_Num_Threads_Local).
 //
 // JaxtrainGeluFwd / JaxtrainGeluBwd: h = gelu(y + b) (exact, erf-based) and
 // its backward du = dh * gelu'(y + b), db = sum of du over rows, each in one
@@ -51,8 +52,6 @@ static sgemm_batch_strided_fn g_sgemm_batch = nullptr;
 
 typedef int (*set_threads_local_fn)(int);
 static set_threads_local_fn g_set_threads_local = nullptr;
-
-extern "C" int jaxtrain_attention_tiles = 1;  // TEMP toggle for measurement
 
 extern "C" void jaxtrain_gemm_set(void* sgemm, void* sgemm_batch_strided, void* set_threads_local) {
   g_sgemm = reinterpret_cast<sgemm_fn>(sgemm);
@@ -496,7 +495,7 @@ ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi
   float* plse = lse->typed_data();
   if (s.B * N * T == 0) return ffi::Error::Success();
 #if defined(__AVX512F__)
-  if (H % 16 == 0 && jaxtrain_attention_tiles) {
+  if (H % 16 == 0) {
     ParallelFor(pool, static_cast<int>(s.B * N), [&](int bn) {
       const int64_t b = bn / N, n = bn % N;
       AttentionFwdHeadTiles(s, scale, pqkv + b * T * ld + n * H, py + b * T * C + n * H, plse + bn * T);
@@ -551,7 +550,7 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi
   float* pd = dqkv->typed_data();
   if (s.B * N * T == 0) return ffi::Error::Success();
 #if defined(__AVX512F__)
-  if (H % 16 == 0 && jaxtrain_attention_tiles) {
+  if (H % 16 == 0) {
     ParallelFor(pool, static_cast<int>(s.B * N), [&](int bn) {
       const int64_t b = bn / N, n = bn % N;
       AttentionBwdHeadTiles(s, scale, pqkv + b * T * ld + n * H, py + b * T * C + n * H, plse + bn * T,

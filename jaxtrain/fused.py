@@ -11,9 +11,11 @@ gradients against them.
 
 - :func:`causal_attention`: softmax attention with a causal mask, read from
   and written to the fused ``[B, T, 3, N, H]`` q/k/v layout of a ``c_attn``
-  projection (no transposes). Keys after a query block are skipped, the
+  projection (no transposes). Keys after each query are skipped, the
   probabilities stay in cache, and the backward recomputes them from the
-  saved log-sum-exp (``[B, N, T]``) instead of keeping ``[B, N, T, T]``.
+  saved log-sum-exp (``[B, N, T]``) instead of keeping ``[B, N, T, T]``. The
+  products are AVX-512 register tiles when the head size is a multiple of 16
+  (and the CPU has AVX-512), single-threaded BLAS calls otherwise.
 - :func:`bias_gelu`: ``gelu(y + b)`` (the exact, erf-based GELU), whose
   backward also sums the bias gradient in the same pass.
 - :func:`layer_norm`: LayerNorm over the last axis, saving each row's mean
