@@ -261,7 +261,6 @@ ffi::Error AttentionShapeOf(ffi::Buffer<ffi::F32>& qkv, AttentionShape* s) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-constexpr bool kHaveTiles = true;
 constexpr int kTileRows = 6;   // rows of C per tile
 constexpr int kTileCols = 64;  // columns of C per tile: 4 vectors, so 24 accumulators
 
@@ -333,8 +332,6 @@ void Product(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64
     }
   }
 }
-#else
-constexpr bool kHaveTiles = false;
 #endif
 
 inline int64_t RoundUp16(int64_t n) { return (n + 15) / 16 * 16; }
