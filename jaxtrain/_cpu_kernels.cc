@@ -353,9 +353,10 @@ inline void ZeroPastDiagonal(float* row, int64_t valid, int64_t n) {
   for (int64_t j = valid; j < end; ++j) row[j] = 0.0f;
 }
 
-// dst[h * ldd + t] = src[t * H + h] (contiguous [T, H] rows in), 0 for T <= t < ldd.
+// dst[h * ldd + t] = src[t * H + h] (contiguous [T, H] rows in), and 0 for T <= t < RoundUp16(T),
+// the last columns a product reads (ldd >= RoundUp16(T)).
 void Transpose(const float* src, int64_t T, int64_t H, float* dst, int64_t ldd) {
-  for (int64_t h = 0; h < H; ++h) std::fill(dst + h * ldd + T, dst + (h + 1) * ldd, 0.0f);
+  for (int64_t h = 0; h < H; ++h) std::fill(dst + h * ldd + T, dst + h * ldd + RoundUp16(T), 0.0f);
   for (int64_t t0 = 0; t0 < T; t0 += 16) {  // 16 rows at a time: contiguous runs in dst
     const int64_t n = std::min<int64_t>(16, T - t0);
     for (int64_t h = 0; h < H; ++h)
@@ -364,17 +365,20 @@ void Transpose(const float* src, int64_t T, int64_t H, float* dst, int64_t ldd) 
 }
 
 // One head's forward with the register tiles: q, k, v rows at stride ld, y rows at stride C.
-void AttentionFwdHeadTiles(const AttentionShape& s, float scale, const float* q, float* y, float* lse) {
+// Query blocks [blk0, blk1) only (the keys they see are gathered, no more).
+void AttentionFwdHeadTiles(const AttentionShape& s, float scale, const float* q, float* y, float* lse,
+                           int64_t blk0, int64_t blk1) {
   const int64_t T = s.T, H = s.H, C = s.C, ld = 3 * C, Tp = RoundUp16(T);
-  float* kc = Scratch(4, T * H);
-  float* vc = Scratch(5, T * H);
+  const int64_t seen = std::min(T, blk1 * kRows);  // keys of these blocks
+  float* kc = Scratch(4, seen * H);
+  float* vc = Scratch(5, seen * H);
   float* kt = Scratch(2, H * Tp);
   float* qc = Scratch(6, kRows * H);
   float* inv = Scratch(7, kRows);
-  CopyRows(q + C, ld, T, H, kc);
-  CopyRows(q + 2 * C, ld, T, H, vc);
-  Transpose(kc, T, H, kt, Tp);
-  for (int64_t r0 = 0; r0 < T; r0 += kRows) {
+  CopyRows(q + C, ld, seen, H, kc);
+  CopyRows(q + 2 * C, ld, seen, H, vc);
+  Transpose(kc, seen, H, kt, Tp);
+  for (int64_t r0 = blk0 * kRows; r0 < seen; r0 += kRows) {
     const int64_t rows = std::min(kRows, T - r0), keys = r0 + rows;
     float* p = Scratch(0, rows * Tp);
     CopyRows(q + r0 * ld, ld, rows, H, qc);
@@ -493,9 +497,15 @@ ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi
   if (s.B * N * T == 0) return ffi::Error::Success();
 #if defined(__AVX512F__)
   if (H % 16 == 0) {
-    ParallelFor(pool, static_cast<int>(s.B * N), [&](int bn) {
+    // A task per head when there are enough heads to keep the pool busy; else a task per query
+    // block, largest first, each gathering the keys it sees (which repeats some of that work).
+    const bool per_block = s.B * N < 2 * static_cast<int64_t>(pool.num_threads()) && nb > 1;
+    ParallelFor(pool, static_cast<int>(per_block ? s.B * N * nb : s.B * N), [&](int task) {
+      const int64_t bn = per_block ? task % (s.B * N) : task;
+      const int64_t blk0 = per_block ? nb - 1 - task / (s.B * N) : 0, blk1 = per_block ? blk0 + 1 : nb;
       const int64_t b = bn / N, n = bn % N;
-      AttentionFwdHeadTiles(s, scale, pqkv + b * T * ld + n * H, py + b * T * C + n * H, plse + bn * T);
+      AttentionFwdHeadTiles(s, scale, pqkv + b * T * ld + n * H, py + b * T * C + n * H, plse + bn * T, blk0,
+                            blk1);
     });
     return ffi::Error::Success();
   }

@@ -27,9 +27,9 @@ def _value_and_grads(f, *args):
 
 # (B, T, N, H): T below, at and across the kernel's 64-query blocks and its 16-key vectors; head
 # sizes that are not multiples of 16 (MKL products) and that are (register tiles, one and two
-# 64-wide panels); one head
+# 64-wide panels); one head, where the forward splits its query blocks over threads
 ATTENTION_SHAPES = [(2, 1, 2, 8), (1, 63, 3, 5), (2, 64, 2, 16), (2, 100, 3, 16), (1, 257, 2, 32), (3, 130, 1, 64),
-                    (2, 70, 2, 80), (1, 17, 1, 128)]
+                    (2, 70, 2, 80), (1, 17, 1, 128), (1, 200, 1, 32)]
 
 
 @needs_kernels
