@@ -35,6 +35,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -259,8 +263,6 @@ ffi::Error AttentionShapeOf(ffi::Buffer<ffi::F32>& qkv, AttentionShape* s) {
 // upper half of the diagonal blocks.
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
-
 constexpr int kTileRows = 6;   // rows of C per tile
 constexpr int kTileCols = 64;  // columns of C per tile: 4 vectors, so 24 accumulators
 
