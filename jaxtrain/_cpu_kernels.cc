@@ -104,10 +104,11 @@ void RunChunksWithSequentialBlas(Chunks& c, const F* f) {
 // started elsewhere are waited for, never queued tasks, so a busy pool cannot
 // deadlock it: a late task finds nothing left and returns. Without a way to
 // make the BLAS single-threaded per thread (a library other than MKL), the
-// chunks run here, one after another, with the BLAS's own threads.
+// chunks run here, one after another, with the BLAS's own threads; so does a
+// single chunk.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int n, const F& f) {
-  if (g_set_threads_local == nullptr) {
+  if (g_set_threads_local == nullptr || n <= 1) {
     for (int i = 0; i < n; ++i) f(i);
     return;
   }
@@ -781,7 +782,7 @@ ffi::Error LayerNormBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 // ---------------------------------------------------------------------------
 // AdamW: one pass over a parameter's gradient, value and moments.
 
-// Hyper-parameters, in the order of the hp operand (optim.py fills it).
+// Hyper-parameters, in the order of the hp operand (fused_optim.py fills it).
 enum { kNorm, kMaxNorm, kB1, kB2, kEps, kEpsRoot, kDecay, kLr, kBc1, kBc2, kApply, kNumHp };
 constexpr int64_t kAdamChunk = 16384;
 
@@ -837,11 +838,7 @@ ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<
   auto run = [&](int c) {
     kernel(pg, pp, pm, pv, h, po, pmo, pvo, c * kAdamChunk, std::min(n, (c + 1) * kAdamChunk), &partial[2 * c]);
   };
-  if (chunks == 1) {
-    run(0);
-  } else {
-    ParallelFor(pool, chunks, run);
-  }
+  ParallelFor(pool, chunks, run);
   double su = 0.0, sp = 0.0;
   for (int c = 0; c < chunks; ++c) su += partial[2 * c], sp += partial[2 * c + 1];
   sums->typed_data()[0] = static_cast<float>(su);

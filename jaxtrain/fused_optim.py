@@ -126,11 +126,13 @@ def fused_update(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyT
       and the norm of the returned params; None when :func:`why_not` gives a
       reason, unless ``tx.fused`` is True: then ``RuntimeError`` with the reason.
     """
-    reason, flags = _plan(tx, params, grads)
-    if reason is not None:
+    def cannot(reason: str) -> None:
         if isinstance(tx, ClipAdamW) and tx.fused:
             raise RuntimeError(f"make_optimizer(fused=True) but the fused update cannot run: {reason}")
-        return None
+
+    reason, flags = _plan(tx, params, grads)
+    if reason is not None:
+        return cannot(reason)
     # Optax's own update: the new counters and the hyper-parameters it used for
     # this step (schedules included). Only scalars of it are kept below, so XLA
     # drops its per-parameter arithmetic.
@@ -138,7 +140,7 @@ def fused_update(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyT
     adam = [n for n in jax.tree.leaves(reference, is_leaf=_is_adam) if _is_adam(n)]
     injected = [n for n in jax.tree.leaves(reference, is_leaf=_has_hyperparams) if _has_hyperparams(n)]
     if len(adam) != 1 or len(injected) != 1:
-        return None
+        return cannot("the optimizer state does not hold exactly one Adam state with injected hyper-parameters")
     (adam,), hyper = adam, injected[0].hyperparams
     old_adam = next(n for n in jax.tree.leaves(opt_state, is_leaf=_is_adam) if _is_adam(n))
     apply = jnp.asarray(apply, bool)
