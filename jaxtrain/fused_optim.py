@@ -20,6 +20,7 @@ its update is traced too, and XLA removes its unused per-parameter arithmetic.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -109,6 +110,20 @@ def _decay_flags(mask, params: PyTree) -> Optional[PyTree]:
     return jax.tree.map(bool, flags)
 
 
+def optax_update(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyTree, params: PyTree,
+                 apply: jax.Array | bool = True) -> tuple[PyTree, PyTree, jax.Array, jax.Array]:
+    """What :func:`fused_update` computes, through optax: ``(params, opt_state, update_norm, param_norm)``.
+
+    Where ``apply`` is False, params and optimizer state stay as they were.
+    Its derivatives are the fused update's (the kernel has none of its own).
+    """
+    updates, new_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    new_params, new_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), (new_params, new_state),
+                                         (params, opt_state))
+    return new_params, new_state, optax.tree.norm(updates), optax.tree.norm(new_params)
+
+
 def fused_update(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyTree, params: PyTree,
                  grad_norm: jax.Array, apply: jax.Array | bool = True
                  ) -> Optional[tuple[PyTree, PyTree, jax.Array, jax.Array]]:
@@ -125,25 +140,41 @@ def fused_update(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyT
       ``optax.apply_updates(params, updates)``, the new state, ``optax.tree.norm(updates)``
       and the norm of the returned params; None when :func:`why_not` gives a
       reason, unless ``tx.fused`` is True: then ``RuntimeError`` with the reason.
+
+    Differentiable: under ``jax.jvp`` / ``jax.grad`` (e.g. a meta-gradient through
+    :func:`jaxtrain.train_step`) the update is :func:`optax_update`'s, whose
+    derivatives JAX knows; plain evaluation runs the kernel.
     """
     def cannot(reason: str) -> None:
         if isinstance(tx, ClipAdamW) and tx.fused:
             raise RuntimeError(f"make_optimizer(fused=True) but the fused update cannot run: {reason}")
 
     reason, flags = _plan(tx, params, grads)
+    if reason is None:
+        shapes = jax.eval_shape(tx.update, grads, opt_state, params)[1]
+        if len(_nodes(shapes, _is_adam)) != 1 or len(_nodes(shapes, _has_hyperparams)) != 1:
+            reason = "the optimizer state does not hold exactly one Adam state with injected hyper-parameters"
     if reason is not None:
         return cannot(reason)
+    update = jax.custom_jvp(functools.partial(_kernel_update, tx, flags))
+    update.defjvp(lambda primals, tangents: jax.jvp(
+        lambda g, s, p, _, a: optax_update(tx, g, s, p, a), primals, tangents))
+    return update(grads, opt_state, params, jnp.asarray(grad_norm, jnp.float32), jnp.asarray(apply, bool))
+
+
+def _nodes(tree: PyTree, is_node) -> list:
+    return [n for n in jax.tree.leaves(tree, is_leaf=is_node) if is_node(n)]
+
+
+def _kernel_update(tx: ClipAdamW, flags: PyTree, grads: PyTree, opt_state: PyTree, params: PyTree,
+                   grad_norm: jax.Array, apply: jax.Array) -> tuple[PyTree, PyTree, jax.Array, jax.Array]:
     # Optax's own update: the new counters and the hyper-parameters it used for
     # this step (schedules included). Only scalars of it are kept below, so XLA
     # drops its per-parameter arithmetic.
     _, reference = tx.update(grads, opt_state, params)
-    adam = [n for n in jax.tree.leaves(reference, is_leaf=_is_adam) if _is_adam(n)]
-    injected = [n for n in jax.tree.leaves(reference, is_leaf=_has_hyperparams) if _has_hyperparams(n)]
-    if len(adam) != 1 or len(injected) != 1:
-        return cannot("the optimizer state does not hold exactly one Adam state with injected hyper-parameters")
-    (adam,), hyper = adam, injected[0].hyperparams
-    old_adam = next(n for n in jax.tree.leaves(opt_state, is_leaf=_is_adam) if _is_adam(n))
-    apply = jnp.asarray(apply, bool)
+    (adam,), (injected,) = _nodes(reference, _is_adam), _nodes(reference, _has_hyperparams)
+    hyper = injected.hyperparams
+    (old_adam,) = _nodes(opt_state, _is_adam)
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     # The bias corrections exactly as optax writes them (1 - decay ** count).
     values = dict(norm=grad_norm, max_norm=tx.max_grad_norm, b1=hyper["b1"], b2=hyper["b2"], eps=hyper["eps"],

@@ -83,8 +83,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: Optional[int] = None, *,
         kernel pass per parameter where the CPU kernels can run (float32, one
         CPU device, MKL; :mod:`jaxtrain.fused_optim`: the same arithmetic, ~3x
         faster); True requires it (also with several devices) and raises where
-        it cannot run; False returns the plain optax chain (e.g. to
-        differentiate through the step).
+        it cannot run; False returns the plain optax chain. Either way
+        ``jax.grad`` / ``jax.jvp`` through ``train_step`` (meta-gradients) give
+        optax's derivatives: the fused update defines them by optax's update.
 
     With the default mask, equal ``(cfg, total_steps)`` return the same
     transform object: ``tx`` is static metadata of :class:`TrainState`, so two

@@ -220,6 +220,56 @@ def test_the_compiled_step_runs_one_kernel_per_parameter_in_place():
     assert "jaxtrain_adamw" not in compiled(train_step, auto_state).as_text()
 
 
+class _TanhMLP(nnx.Module):
+    """A user's own model (no jaxtrain kernels), smooth, with no zero gradients."""
+
+    def __init__(self, rngs):
+        self.a, self.b = nnx.Linear(6, 16, rngs=rngs), nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(jnp.tanh(self.a(x)))
+
+
+def _mse(model, batch, rng):
+    return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+
+@needs_kernels
+def test_a_meta_gradient_through_train_step_is_optaxs():
+    """jax.grad and jax.jvp through a fused train_step (w.r.t. the weight decay and the params): optax's."""
+    rng = np.random.default_rng(0)
+    train_b, held_out = ({"x": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
+                          "y": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)} for _ in range(2))
+
+    def meta_loss(tx):
+        state = TrainState.create(_TanhMLP(nnx.Rngs(0)), tx, rng=0)
+        state, _ = train_step(state, train_b, loss_fn=_mse)  # one real step: the moments are not zero
+
+        def after_one_step(wd, params):  # the held-out loss after a step with this weight decay from these params
+            with_wd = jax.tree.map(lambda n: n._replace(hyperparams={**n.hyperparams, "weight_decay": wd})
+                                   if fused_optim._has_hyperparams(n) else n, state.opt_state,
+                                   is_leaf=fused_optim._has_hyperparams)
+            new, _ = train_step(state.replace(params=params, opt_state=with_wd), train_b, loss_fn=_mse)
+            return _mse(new.model(), held_out, None)
+        return after_one_step, state.params
+
+    cfg = CONFIGS["clipping"]
+    results = []
+    for fused in (True, False):
+        f, params = meta_loss(make_optimizer(cfg, total_steps=6, fused=fused))
+        wd = jnp.float32(0.5)
+        value, (g_wd, g_params) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(wd, params)
+        _, tangent = jax.jvp(f, (wd, params), (jnp.float32(1.0), jax.tree.map(jnp.ones_like, params)))
+        results.append((value, g_wd, g_params, tangent))
+    (v1, wd1, p1, t1), (v0, wd0, p0, t0) = results
+    assert np.isfinite(float(wd1)) and abs(float(wd1)) > 1e-6
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    np.testing.assert_allclose(wd1, wd0, rtol=1e-4)
+    np.testing.assert_allclose(t1, t0, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 @needs_kernels
 def test_the_default_optimizer_is_fused_in_a_one_device_process():
     code = """
