@@ -7,7 +7,8 @@ optional transpose of the last two axes, any number of leading batch axes)
 as one ``cblas_sgemm`` / ``cblas_sgemm_batch_strided`` call inside the
 jitted program, through a small C++ FFI handler (``_cpu_kernels.cc``). It is
 differentiable (reverse mode: every gradient is again such a call, with the
-transposes passed to BLAS as flags instead of being materialised).
+transposes passed to BLAS as flags instead of being materialised; higher
+orders differentiate ``jnp.matmul``, see :func:`with_reference_jvp`).
 
 Where it applies by default: float32 operands in a process with one CPU
 device. Everywhere else (GPUs, bfloat16, several devices, where sharded
@@ -47,7 +48,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -228,12 +229,36 @@ def describe(dtype: str = "float32") -> str:
     return "MKL" if "mkl" in status()[1].lower() else f"BLAS ({status()[1]})"
 
 
+def with_reference_jvp(kernel: Callable, reference: Callable) -> Callable:
+    """``kernel`` (FFI calls, which JAX cannot differentiate) with the derivatives of ``reference``.
+
+    ``reference`` is the same function of the same arrays in plain JAX. The
+    values stay the kernel's; forward-mode derivatives come from
+    ``jax.jvp(reference)``, and with them every higher-order derivative of the
+    kernels' custom VJPs (``jax.grad`` of a gradient, Hessian-vector products).
+    Plain evaluation and first-order gradients never trace ``reference``.
+    """
+    fn = jax.custom_jvp(kernel)
+
+    def jvp(primals, tangents):
+        return kernel(*primals), jax.jvp(reference, primals, tangents)[1]
+
+    fn.defjvp(jvp)
+    return fn
+
+
+def _plain_matmul(a, b, transpose_a: bool, transpose_b: bool):
+    return (jnp.swapaxes(a, -1, -2) if transpose_a else a) @ (jnp.swapaxes(b, -1, -2) if transpose_b else b)
+
+
 def _ffi_matmul(a, b, transpose_a: bool, transpose_b: bool):
     m = a.shape[-1] if transpose_a else a.shape[-2]
     n = b.shape[-2] if transpose_b else b.shape[-1]
     out = jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32)
     call = jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")
-    return call(a, b, trans_a=transpose_a, trans_b=transpose_b)
+    kernel = functools.partial(call, trans_a=transpose_a, trans_b=transpose_b)
+    reference = functools.partial(_plain_matmul, transpose_a=transpose_a, transpose_b=transpose_b)
+    return with_reference_jvp(kernel, reference)(a, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -283,8 +308,4 @@ def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b
                          f"{b.shape} (transpose_b={transpose_b})")
     if resolve(use_blas, a, b):
         return _blas_matmul(a, b, transpose_a, transpose_b)
-    if transpose_a:
-        a = jnp.swapaxes(a, -1, -2)
-    if transpose_b:
-        b = jnp.swapaxes(b, -1, -2)
-    return a @ b
+    return _plain_matmul(a, b, transpose_a, transpose_b)

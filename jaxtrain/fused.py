@@ -5,8 +5,10 @@ fusions over memory (``benchmarks/RESULTS.md``: ~0.7-1.9 ns per element
 each). These kernels do the same work in one pass each way, as XLA FFI calls
 into ``_cpu_kernels.cc`` (built and loaded with :mod:`jaxtrain.blas`, under
 the same conditions: float32 on one CPU device with MKL; :func:`why_not` says
-why not). They are differentiable (reverse mode) and match the plain JAX
-definitions to float rounding; ``tests/test_fused.py`` checks values and
+why not). They are differentiable to any order in reverse mode (first-order
+gradients run the backward kernels; higher orders, such as a gradient penalty
+or a Hessian-vector product, differentiate the plain JAX definitions) and
+match the plain JAX definitions to float rounding; ``tests/test_fused.py`` checks values and
 gradients against them.
 
 - :func:`causal_attention`: softmax attention with a causal mask, read from
@@ -56,8 +58,11 @@ def _f32(*shape: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _ffi(target: str, results, *args: jax.Array, **attrs):
-    return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attrs)
+def _ffi(target: str, results, reference, *args: jax.Array, **attrs):
+    """The kernel ``target`` on ``args``, with the derivatives of ``reference(*args)`` (plain JAX)."""
+    call = jax.ffi.ffi_call(target, results, vmap_method="sequential")
+    kernel = (lambda *a: tuple(call(*a, **attrs))) if isinstance(results, tuple) else functools.partial(call, **attrs)
+    return blas.with_reference_jvp(kernel, reference)(*args)
 
 
 # --------------------------------------------------------------------------- attention
@@ -75,9 +80,23 @@ def _scale(qkv) -> np.float32:
     return np.float32(1.0 / math.sqrt(qkv.shape[-1]))
 
 
+def _reference_attention_and_lse(qkv_BT3NH):
+    """``(reference_attention(qkv), lse)``: the kernel's outputs, the log-sum-exp ``[B, N, T]`` of the scaled logits."""
+    q, k, _ = jnp.unstack(qkv_BT3NH, axis=2)
+    T = q.shape[1]
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) * _scale(qkv_BT3NH)
+    logits = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -jnp.inf)
+    return reference_attention(qkv_BT3NH), jax.nn.logsumexp(logits, axis=-1)
+
+
+def _reference_attention_bwd(qkv, y, lse, dy):
+    return jax.vjp(reference_attention, qkv)[1](dy)[0]  # y and lse are functions of qkv
+
+
 def _attention_fwd_call(qkv):
     B, T, _, N, H = qkv.shape
-    return _ffi("jaxtrain_attention_fwd", (_f32(B, T, N, H), _f32(B, N, T)), qkv, scale=_scale(qkv))
+    return _ffi("jaxtrain_attention_fwd", (_f32(B, T, N, H), _f32(B, N, T)), _reference_attention_and_lse, qkv,
+                scale=_scale(qkv))
 
 
 @jax.custom_vjp
@@ -92,7 +111,8 @@ def _fused_attention_fwd(qkv):
 
 def _fused_attention_bwd(res, dy):
     qkv, y, lse = res
-    return (_ffi("jaxtrain_attention_bwd", _f32(*qkv.shape), qkv, y, lse, dy, scale=_scale(qkv)),)
+    return (_ffi("jaxtrain_attention_bwd", _f32(*qkv.shape), _reference_attention_bwd, qkv, y, lse, dy,
+                 scale=_scale(qkv)),)
 
 
 _fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
@@ -120,18 +140,23 @@ def reference_bias_gelu(y: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
     return jax.nn.gelu(y if bias is None else y + bias, approximate=False)
 
 
+def _gelu_fwd_call(y_MF, b_F):
+    return _ffi("jaxtrain_gelu_fwd", _f32(*y_MF.shape), reference_bias_gelu, y_MF, b_F)
+
+
 @jax.custom_vjp
 def _fused_bias_gelu(y_MF, b_F):
-    return _ffi("jaxtrain_gelu_fwd", _f32(*y_MF.shape), y_MF, b_F)
+    return _gelu_fwd_call(y_MF, b_F)
 
 
 def _fused_bias_gelu_fwd(y_MF, b_F):
-    return _fused_bias_gelu(y_MF, b_F), (y_MF, b_F)
+    return _gelu_fwd_call(y_MF, b_F), (y_MF, b_F)
 
 
 def _fused_bias_gelu_bwd(res, dh_MF):
     y_MF, b_F = res
-    return tuple(_ffi("jaxtrain_gelu_bwd", (_f32(*y_MF.shape), _f32(*b_F.shape)), y_MF, b_F, dh_MF))
+    reference = lambda y, b, dh: jax.vjp(reference_bias_gelu, y, b)[1](dh)  # noqa: E731
+    return _ffi("jaxtrain_gelu_bwd", (_f32(*y_MF.shape), _f32(*b_F.shape)), reference, y_MF, b_F, dh_MF)
 
 
 _fused_bias_gelu.defvjp(_fused_bias_gelu_fwd, _fused_bias_gelu_bwd)
@@ -165,9 +190,18 @@ def _fused_layer_norm(x_MC, g_C, b_C, eps):
     return _layer_norm_fwd_call(x_MC, g_C, b_C, eps)[0]
 
 
+def _reference_layer_norm_and_stats(x_MC, g_C, b_C, eps):
+    """The forward kernel's outputs in plain JAX: ``(y, mean [M], 1 / std [M])``."""
+    mean = x_MC.mean(-1)
+    rstd = jax.lax.rsqrt(jnp.square(x_MC - mean[:, None]).mean(-1) + np.float32(eps))
+    return (x_MC - mean[:, None]) * rstd[:, None] * g_C + b_C, mean, rstd
+
+
 def _layer_norm_fwd_call(x_MC, g_C, b_C, eps):
     M, C = x_MC.shape
-    return _ffi("jaxtrain_layer_norm_fwd", (_f32(M, C), _f32(M), _f32(M)), x_MC, g_C, b_C, eps=np.float32(eps))
+    reference = functools.partial(_reference_layer_norm_and_stats, eps=eps)
+    return _ffi("jaxtrain_layer_norm_fwd", (_f32(M, C), _f32(M), _f32(M)), reference, x_MC, g_C, b_C,
+                eps=np.float32(eps))
 
 
 def _fused_layer_norm_fwd(x_MC, g_C, b_C, eps):
@@ -178,7 +212,10 @@ def _fused_layer_norm_fwd(x_MC, g_C, b_C, eps):
 def _fused_layer_norm_bwd(eps, res, dy_MC):
     x_MC, g_C, mean, rstd = res
     results = (_f32(*x_MC.shape), _f32(*g_C.shape), _f32(*g_C.shape))
-    return tuple(_ffi("jaxtrain_layer_norm_bwd", results, x_MC, g_C, mean, rstd, dy_MC))
+
+    def reference(x, g, mean, rstd, dy):  # mean and rstd are functions of x
+        return jax.vjp(lambda x, g, b: reference_layer_norm(x, g, b, eps), x, g, jnp.zeros_like(g))[1](dy)
+    return _ffi("jaxtrain_layer_norm_bwd", results, reference, x_MC, g_C, mean, rstd, dy_MC)
 
 
 _fused_layer_norm.defvjp(_fused_layer_norm_fwd, _fused_layer_norm_bwd)

@@ -186,3 +186,42 @@ def test_gpt_train_step_uses_the_kernels_where_they_apply():
     # attention dropout is not in the kernel: a training step with dropout keeps XLA's attention
     with_dropout = _gpt_targets("blas", dropout=0.1)
     assert with_dropout["jaxtrain_attention_fwd"] == 0 and with_dropout["jaxtrain_gelu_fwd"] == 2
+
+
+def _second_order(f, *args):
+    """A gradient penalty's gradient (reverse over reverse) and a Hessian-vector product (forward over reverse)."""
+    w = _normal(jax.eval_shape(f, *args).shape, seed=98)
+    loss = lambda *a: jnp.sum(jnp.tanh(f(*a)) * w)  # noqa: E731  (tanh: a non-zero Hessian for linear ops)
+    grads = jax.grad(loss, argnums=tuple(range(len(args))))
+    penalty = jax.grad(lambda *a: sum(jnp.sum(g ** 2) for g in grads(*a)), argnums=tuple(range(len(args))))
+    v = tuple(_normal(a.shape, seed=97 + i) for i, a in enumerate(args))
+    hvp = jax.jvp(grads, args, v)[1]
+    return jax.jit(penalty)(*args), hvp
+
+
+def _assert_trees_close(a, b, rtol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(y))))
+
+
+SECOND_ORDER = {
+    "attention": (lambda q, **kw: fused.causal_attention(q, **kw), [(2, 70, 3, 2, 16)]),
+    "attention_mkl_products": (lambda q, **kw: fused.causal_attention(q, **kw), [(1, 33, 3, 2, 5)]),
+    "bias_gelu": (lambda y, b, **kw: fused.bias_gelu(y, b, **kw), [(40, 24), (24,)]),
+    "layer_norm": (lambda x, g, b, **kw: fused.layer_norm(x, g, b, eps=1e-5, **kw), [(40, 24), (24,), (24,)]),
+    "matmul": (lambda a, b, **kw: blas.matmul(a, b, transpose_b=True, use_blas=kw["use_fused"]), [(30, 20), (25, 20)]),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", SECOND_ORDER)
+def test_second_order_derivatives_match_plain_jax(name):
+    """The kernels' custom VJPs are differentiable again: what a gradient penalty or a Hessian-vector product needs."""
+    f, shapes = SECOND_ORDER[name]
+    args = tuple(_normal(s, seed=i) for i, s in enumerate(shapes))
+    penalty1, hvp1 = _second_order(lambda *a: f(*a, use_fused=True), *args)
+    penalty0, hvp0 = _second_order(lambda *a: f(*a, use_fused=False), *args)
+    _assert_trees_close(penalty1, penalty0, rtol=2e-4)
+    _assert_trees_close(hvp1, hvp0, rtol=2e-4)
+    hlo = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a, use_fused=True) ** 2))).lower(*args).as_text()
+    assert "jaxtrain_" in hlo  # first-order gradients still run the kernels
