@@ -243,7 +243,7 @@ def test_a_meta_gradient_through_train_step_is_optaxs():
 
     def meta_loss(tx):
         state = TrainState.create(_TanhMLP(nnx.Rngs(0)), tx, rng=0)
-        state, _ = train_step(state, train_b, loss_fn=_mse)  # one real step: the moments are not zero
+        state, _ = jax.jit(functools.partial(train_step, loss_fn=_mse))(state, train_b)  # moments not zero
 
         def after_one_step(wd, params):  # the held-out loss after a step with this weight decay from these params
             with_wd = jax.tree.map(lambda n: n._replace(hyperparams={**n.hyperparams, "weight_decay": wd})
@@ -259,7 +259,8 @@ def test_a_meta_gradient_through_train_step_is_optaxs():
         f, params = meta_loss(make_optimizer(cfg, total_steps=6, fused=fused))
         wd = jnp.float32(0.5)
         value, (g_wd, g_params) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(wd, params)
-        _, tangent = jax.jvp(f, (wd, params), (jnp.float32(1.0), jax.tree.map(jnp.ones_like, params)))
+        _, tangent = jax.jit(lambda *a: jax.jvp(f, a, (jnp.float32(1.0), jax.tree.map(jnp.ones_like, params))))(
+            wd, params)
         results.append((value, g_wd, g_params, tangent))
     (v1, wd1, p1, t1), (v0, wd0, p0, t0) = results
     assert np.isfinite(float(wd1)) and abs(float(wd1)) > 1e-6
