@@ -67,13 +67,18 @@ def _ffi(target: str, results, reference, *args: jax.Array, **attrs):
 
 # --------------------------------------------------------------------------- attention
 
-def reference_attention(qkv_BT3NH: jax.Array) -> jax.Array:
-    """Causal softmax attention in plain JAX: ``[B, T, 3, N, H]`` -> ``[B, T, N, H]``."""
-    q, k, v = jnp.unstack(qkv_BT3NH, axis=2)
+def _causal_logits(qkv_BT3NH: jax.Array) -> jax.Array:
+    """``q k^T / sqrt(H)`` as ``[B, N, T, T]``, -inf above the diagonal."""
+    q, k, _ = jnp.unstack(qkv_BT3NH, axis=2)
     T, H = q.shape[1], q.shape[-1]
     logits = jnp.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(H)
-    logits = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -jnp.inf)
-    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+    return jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -jnp.inf)
+
+
+def reference_attention(qkv_BT3NH: jax.Array) -> jax.Array:
+    """Causal softmax attention in plain JAX: ``[B, T, 3, N, H]`` -> ``[B, T, N, H]``."""
+    v = qkv_BT3NH[:, :, 2]
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(_causal_logits(qkv_BT3NH), axis=-1), v)
 
 
 def _scale(qkv) -> np.float32:
@@ -82,11 +87,7 @@ def _scale(qkv) -> np.float32:
 
 def _reference_attention_and_lse(qkv_BT3NH):
     """``(reference_attention(qkv), lse)``: the kernel's outputs, the log-sum-exp ``[B, N, T]`` of the scaled logits."""
-    q, k, _ = jnp.unstack(qkv_BT3NH, axis=2)
-    T = q.shape[1]
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k) * _scale(qkv_BT3NH)
-    logits = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -jnp.inf)
-    return reference_attention(qkv_BT3NH), jax.nn.logsumexp(logits, axis=-1)
+    return reference_attention(qkv_BT3NH), jax.nn.logsumexp(_causal_logits(qkv_BT3NH), axis=-1)
 
 
 def _reference_attention_bwd(qkv, y, lse, dy):

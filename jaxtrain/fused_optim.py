@@ -111,16 +111,25 @@ def _decay_flags(mask, params: PyTree) -> Optional[PyTree]:
 
 
 def optax_update(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyTree, params: PyTree,
-                 apply: jax.Array | bool = True) -> tuple[PyTree, PyTree, jax.Array, jax.Array]:
-    """What :func:`fused_update` computes, through optax: ``(params, opt_state, update_norm, param_norm)``.
+                 apply: jax.Array | bool = True) -> tuple[PyTree, PyTree, PyTree]:
+    """``tx``'s update through optax itself: ``(params, opt_state, updates)``.
 
-    Where ``apply`` is False, params and optimizer state stay as they were.
-    Its derivatives are the fused update's (the kernel has none of its own).
+    Where ``apply`` is False, params and optimizer state stay as they were
+    (``apply=True``, the Python constant, adds no selects). This is the
+    update :func:`jaxtrain.train_step` applies where :func:`fused_update`
+    does not, and the one whose derivatives :func:`fused_update` has.
     """
     updates, new_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    new_params, new_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), (new_params, new_state),
-                                         (params, opt_state))
+    if apply is not True:
+        new_params, new_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), (new_params, new_state),
+                                             (params, opt_state))
+    return new_params, new_state, updates
+
+
+def _optax_update_and_norms(tx, grads, opt_state, params, grad_norm, apply):
+    """:func:`fused_update`'s results through optax (``grad_norm`` unused: optax's clip computes it)."""
+    new_params, new_state, updates = optax_update(tx, grads, opt_state, params, apply)
     return new_params, new_state, optax.tree.norm(updates), optax.tree.norm(new_params)
 
 
@@ -158,7 +167,7 @@ def fused_update(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyT
         return cannot(reason)
     update = jax.custom_jvp(functools.partial(_kernel_update, tx, flags))
     update.defjvp(lambda primals, tangents: jax.jvp(
-        lambda g, s, p, _, a: optax_update(tx, g, s, p, a), primals, tangents))
+        functools.partial(_optax_update_and_norms, tx), primals, tangents))
     return update(grads, opt_state, params, jnp.asarray(grad_norm, jnp.float32), jnp.asarray(apply, bool))
 
 

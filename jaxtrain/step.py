@@ -247,22 +247,18 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
         model_state = _sync_model_state(model_state, axis_name)
     grad_norm = optax.tree.norm(grads)
     finite = _is_finite(loss, grad_norm)
-    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    apply = finite if skip_nonfinite else True
     # make_optimizer's clip + AdamW as one CPU kernel pass per parameter where it can run; the
     # diagnostics need the update tree itself, so they take the optax path.
     fused = None if diagnostics else fused_optim.fused_update(
-        state.tx, grads, state.opt_state, state.params, grad_norm, finite if skip_nonfinite else True)
+        state.tx, grads, state.opt_state, state.params, grad_norm, apply)
     if fused is not None:
         params, opt_state, update_norm, param_norm = fused
-        if skip_nonfinite:
-            model_state = keep_old(model_state, state.model_state)
     else:
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if skip_nonfinite:
-            params, opt_state, model_state = keep_old((params, opt_state, model_state),
-                                                      (state.params, state.opt_state, state.model_state))
+        params, opt_state, updates = fused_optim.optax_update(state.tx, grads, state.opt_state, state.params, apply)
         update_norm, param_norm = optax.tree.norm(updates), optax.tree.norm(params)
+    if skip_nonfinite:
+        model_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), model_state, state.model_state)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
     metrics = dict(aux, loss=loss, grad_norm=grad_norm, update_norm=update_norm,
                    param_norm=param_norm, nonfinite=(~finite).astype(jnp.int32))
