@@ -8,7 +8,9 @@ import textwrap
 import pytest
 
 # A jitted function whose scratch buffer is ~128 MB (32k pages): each call allocates and frees it.
-# The products are thin, so a call takes milliseconds.
+# The products are thin, so a call takes milliseconds. With the setting on, the heap still grows now
+# and then while it settles (a freed block can be split by a small allocation before it is reused), so
+# the test compares the median call, not the mean.
 PROBE = """
     import resource, sys
     from jaxtrain import perf
@@ -21,11 +23,13 @@ PROBE = """
         y = jnp.sin(x) * 2.0            # 64 MB temporaries, each a matmul operand XLA must write out
         return jnp.sum(jnp.cos(y) @ v) + jnp.sum(jnp.exp(y) @ v)
 
-    f(x, v).block_until_ready(); f(x, v).block_until_ready()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
+    f(x, v).block_until_ready()
+    faults = []
+    for _ in range(15):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x, v).block_until_ready()
-    print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(applied, sorted(faults)[len(faults) // 2])  # the median call
 """
 
 
@@ -42,7 +46,7 @@ def test_scratch_memory_is_reused_instead_of_faulted_in_each_call():
     applied, kept = _faults_per_call("on")
     _, default = _faults_per_call("off")
     assert applied == "True"
-    # Default malloc maps the scratch buffer afresh each call: >= 64 MB of new pages (16k faults).
+    # Default malloc maps the scratch buffer afresh in every call: >= 64 MB of new pages (16k faults).
     assert default > 16_000, default
     assert kept < default / 10, (kept, default)
 
