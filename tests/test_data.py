@@ -47,9 +47,7 @@ def test_stdlib_corpus_cached_and_deterministic(tmp_path):
     cached = list((tmp_path / "cache").glob("stdlib-*.npy"))
     assert len(cached) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
     mtime = cached[0].stat().st_mtime_ns
-    t = time.perf_counter()
     c2 = data.load_corpus(cfg(tmp_path))
-    assert time.perf_counter() - t < 2.0
     assert cached[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
     assert isinstance(c2.train, np.memmap) and c2.train.dtype == np.uint8
     np.testing.assert_array_equal(c1.train, c2.train)
