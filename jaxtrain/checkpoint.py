@@ -232,11 +232,18 @@ def _key_data_shapes(tree: PyTree) -> PyTree:
     return jax.tree.map(shape, tree)
 
 
-def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
+def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: TrainState,
+                  retune: bool = False) -> TrainState:
+    """The saved state exactly; with ``retune``, the current optimizer's constants replace the saved ones."""
     target = leaves(abstract_state)
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     state = abstract_state.replace(**{name: restored[name] for name in LEAVES})
-    return _current_hyperparams(state, abstract_state)
+    return _current_hyperparams(state, abstract_state) if retune else state
+
+
+def _optim_changed(saved_config: dict, config: Config) -> bool:
+    """True when the ``optim`` section of ``config`` differs from the saved run's."""
+    return _lookup(saved_config, "optim") != config_lib.to_dict(config)["optim"]
 
 
 def _is_injected(node) -> bool:
@@ -250,7 +257,9 @@ def _current_hyperparams(state: TrainState, abstract_state: TrainState) -> Train
     eps, weight_decay) as arrays in the optimizer state and reads them from
     there, so a restored state would silently keep the saved values when the
     config changed them. Scheduled ones (the learning rate) are recomputed from
-    the step count every update and stay as restored.
+    the step count every update and stay as restored. Applied only when the
+    ``optim`` section of the config changed: otherwise the saved values, also
+    ones set by hand in ``opt_state.hyperparams``, are restored as they were.
     """
     def constants(opt_state):
         nodes = jax.tree.leaves(opt_state, is_leaf=_is_injected)
@@ -358,7 +367,7 @@ def _restore_checked(mngr: ocp.CheckpointManager, step: int, abstract_state: Tra
     meta = _read_meta(mngr, step)
     check_compatible(meta["config"], config, where)
     _check_tree(mngr, step, leaves(abstract_state), where)
-    return _restore_step(mngr, step, abstract_state), meta
+    return _restore_step(mngr, step, abstract_state, retune=_optim_changed(meta["config"], config)), meta
 
 
 def _one_line(e: Optional[BaseException]) -> str:

@@ -43,6 +43,9 @@ class TrainState:
 
             state = TrainState.create(MyModel(rngs=nnx.Rngs(0)), optax.adamw(1e-3))
         """
+        if nnx.state(model, nnx.Intermediate):  # values a forward pass sowed belong to that call, not to the state
+            model = nnx.clone(model)
+            nnx.pop(model, nnx.Intermediate)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
         if isinstance(rng, (bool, np.bool_)) or not (

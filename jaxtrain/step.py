@@ -100,6 +100,11 @@ def check_tokens(batch: Batch, vocab_size: int, block_size: Optional[int] = None
         raise ValueError(f"batch time length {inputs.shape[1]} exceeds model.block_size={block_size}")
 
 
+# What train_step carries over in state.model_state: every non-Param variable (BatchNorm statistics,
+# counters, stored PRNG keys) except what a forward pass sows (nnx.Intermediate), which is per call.
+MODEL_STATE = nnx.All(nnx.Not(nnx.Param), nnx.Not(nnx.Intermediate))
+
+
 def _cast_floats(tree: PyTree, dtype) -> PyTree:
     if dtype is None:
         return tree
@@ -112,8 +117,9 @@ def _loss_and_grads(state: TrainState, batch: Batch, rng: jax.Array, loss_fn: Lo
 
     def f(params):
         model = nnx.merge(state.graphdef, _cast_floats(params, compute_dtype), state.model_state)
+        model.train()  # PyTorch's model.train(): dropout on, BatchNorm normalises with batch statistics
         loss, aux = _call_loss(loss_fn, model, _cast_floats(batch, compute_dtype), rng)
-        new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+        new_model_state = nnx.to_pure_dict(nnx.state(model, MODEL_STATE))
         return loss.astype(jnp.float32), (aux, new_model_state)
 
     params = state.params
@@ -144,7 +150,12 @@ def _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name
     if grad_accum == 1:
         (loss, (aux, model_state)), grads = _loss_and_grads(state, batch, rng, loss_fn, compute_dtype, axis_name)
         return loss, aux, model_state, grads
-    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    scalars = [jax.tree_util.keystr(p) for p, x in leaves if not jnp.ndim(x)]
+    if scalars:
+        raise ValueError(f"grad_accum={grad_accum} splits every batch leaf along its first axis, but batch leaf "
+                         f"{scalars[0]} is a scalar; give it a leading batch axis, or bind it into loss_fn with functools.partial")
+    sizes = {x.shape[0] for _, x in leaves}
     if len(sizes) != 1 or next(iter(sizes)) % grad_accum:
         raise ValueError(f"batch size {sorted(sizes)} must be divisible by grad_accum={grad_accum}")
     # Strided microbatches (rows i, i + A, i + 2A, ...): with the batch sharded
@@ -172,8 +183,7 @@ def _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name
     model_state0 = state.model_state
     if axis_name is not None:  # the body makes batch statistics per-device: the carry must start that way
         model_state0 = jax.tree.map(
-            lambda x: jax.lax.pcast(x, axis_name, to="varying") if jnp.issubdtype(x.dtype, jnp.inexact) else x,
-            model_state0)
+            lambda x: x if _is_key(x) else jax.lax.pcast(x, axis_name, to="varying"), model_state0)
     (grad_sum, loss_sum, model_state), auxs = jax.lax.scan(
         body, (zeros, loss0, model_state0), (micro, jnp.arange(grad_accum)))
     grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
@@ -184,14 +194,23 @@ def _sync_model_state(model_state: PyTree, axis_name: str) -> PyTree:
     """Make non-trainable variables agree across ``axis_name``, so replicas stay replicas.
 
     Float ones (BatchNorm running statistics) are averaged, as a cross-replica
-    batch-statistics sync does; integer ones (counters) take the maximum; others
-    (a module's stored PRNG keys) are left as they are.
+    batch-statistics sync does; integer ones (counters) take the maximum, and
+    booleans (flags) are true if any device's is; a module's stored PRNG keys are
+    left as they are.
     """
     def sync(x):
+        if _is_key(x):
+            return x
         if jnp.issubdtype(x.dtype, jnp.inexact):
             return jax.lax.pmean(x, axis_name)
-        return jax.lax.pmax(x, axis_name) if jnp.issubdtype(x.dtype, jnp.integer) else x
+        if x.dtype == jnp.bool_:
+            return jax.lax.pmax(x.astype(jnp.int32), axis_name).astype(jnp.bool_)
+        return jax.lax.pmax(x, axis_name)
     return jax.tree.map(sync, model_state)
+
+
+def _is_key(x) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _is_finite(*xs) -> jax.Array:
@@ -203,6 +222,11 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
                skip_nonfinite: bool = True, diagnostics: bool = False,
                max_grad_norm: Optional[float] = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step. Pure: jit it, donate ``state``, shard it as you like.
+
+    The model runs in NNX's training mode (``model.train()``: ``nnx.Dropout`` on,
+    ``nnx.BatchNorm`` normalising with batch statistics and updating its running
+    ones), whatever mode it was in when the state was created; a call-time
+    argument such as ``use_running_average=True`` inside ``loss_fn`` still wins.
 
     Args:
       state: the :class:`TrainState` (step, params, opt_state, rng, model_state).
@@ -272,12 +296,18 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
 
 def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss,
               axis_name: Optional[str] = None, compute_dtype=None) -> dict[str, jax.Array]:
-    """Loss of ``batch`` with the model in deterministic mode (no dropout), no update.
+    """Loss of ``batch`` with the model in evaluation mode, no update.
+
+    The model is put in NNX's evaluation mode (``model.eval()``: ``deterministic``
+    and ``use_running_average`` set on every submodule that has them, so
+    ``nnx.Dropout`` is off and ``nnx.BatchNorm`` uses its running statistics),
+    and ``loss_fn`` gets ``rng=None``.
 
     Pass the same ``compute_dtype`` as to :func:`train_step` to evaluate the
     model the way it is trained.
     """
     model = state.model(_cast_floats(state.params, compute_dtype))
+    model.eval()  # PyTorch's model.eval(): no dropout, BatchNorm uses its running statistics
     loss, aux = _call_loss(loss_fn, model, _cast_floats(batch, compute_dtype), None)
     metrics = dict(aux, loss=loss.astype(jnp.float32))
     return jax.lax.pmean(metrics, axis_name) if axis_name is not None else metrics

@@ -177,6 +177,20 @@ def test_other_changes_resume_and_take_the_new_optimizer_constants(cfg):
         np.testing.assert_array_equal(a, b)
 
 
+def test_hyperparameters_set_by_hand_restore_as_saved_when_the_config_is_unchanged(cfg):
+    state = trained_looking(cfg)
+    adamw = state.opt_state[1]  # the usual inject_hyperparams way to change a constant by hand
+    hand_set = adamw._replace(hyperparams={**adamw.hyperparams, "weight_decay": jnp.float32(0.5),
+                                           "b2": jnp.float32(0.9)})
+    state = state.replace(opt_state=(state.opt_state[0], hand_set, *state.opt_state[2:]))
+    saved(cfg, state).close()
+    restored, _ = checkpoint.restore_latest(checkpoint.manager(cfg.run_dir, cfg.checkpoint), abstract(cfg), cfg)
+    assert float(restored.opt_state[1].hyperparams["weight_decay"]) == 0.5
+    assert_same(state, restored)
+    loaded, _ = checkpoint.load_run(cfg.run_dir)
+    assert_same(state, loaded)
+
+
 def test_saved_tree_mismatch_is_named(cfg):
     """A different model under the same config keys (custom code): the first differing array is named."""
     saved(cfg, trained_looking(cfg))

@@ -345,3 +345,125 @@ def test_a_custom_model_trainstate_round_trips_through_plain_orbax(tmp_path):
     # and training goes on identically from either
     np.testing.assert_array_equal(train_step(state, batch, loss_fn=_bn_loss)[1]["loss"],
                                   train_step(restored, batch, loss_fn=_bn_loss)[1]["loss"])
+
+
+# ---------------------------------------------------------------- models as NNX writes them
+
+
+class _DropoutBatchNormNet(nnx.Module):
+    """Dropout with its own Rngs and BatchNorm, called with no train/eval flag: the module's mode decides."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(4, 16, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.out = nnx.Linear(16, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.drop(nnx.relu(self.bn(self.lin(x)))))[:, 0]
+
+
+def _plain_loss(model, batch, rng):
+    return ((model(batch["x"]) - batch["y"]) ** 2).mean()
+
+
+def _xy_batch(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.normal(size=(n, 4)).astype(np.float32) * 3 + 1, "y": rng.normal(size=n).astype(np.float32)}
+
+
+def test_eval_step_is_eval_mode_and_train_step_is_train_mode_whatever_the_model_was_in():
+    batch = _xy_batch()
+    model = _DropoutBatchNormNet(nnx.Rngs(0))
+    model.eval()  # e.g. evaluated before training started: train_step must still train in train mode
+    tx = make_optimizer(OptimConfig(lr=1e-2, schedule="constant", warmup_steps=0))
+    state = TrainState.create(model, tx)
+    step = jax.jit(functools.partial(train_step, loss_fn=_plain_loss))
+    state, _ = step(state, batch)
+    state, _ = step(state, batch)
+    assert int(state.model_state["drop"]["rngs"]["count"]) == 2  # dropout drew a mask each step
+    assert not np.allclose(state.model_state["bn"]["mean"], 0.0)  # BatchNorm updated its statistics
+
+    evals = [float(eval_step(state, batch, loss_fn=_plain_loss)["loss"]) for _ in range(2)]
+    ref = state.model()
+    ref.eval()
+    want = float(_plain_loss(ref, batch, None))
+    assert evals == [pytest.approx(want, rel=1e-6)] * 2
+    # one more step advances the dropout key: evaluation does not depend on it
+    later, _ = jax.jit(functools.partial(train_step, loss_fn=_plain_loss, skip_nonfinite=False))(
+        state.replace(opt_state=state.tx.init(state.params)), batch)
+    ref_later = later.model()
+    ref_later.eval()
+    assert float(eval_step(later, batch, loss_fn=_plain_loss)["loss"]) == pytest.approx(
+        float(_plain_loss(ref_later, batch, None)), rel=1e-6)
+
+
+class _SowingNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(4, 1, rngs=rngs)
+
+    def __call__(self, x):
+        y = self.lin(x)[:, 0]
+        self.sow(nnx.Intermediate, "pred_mean", y.mean())
+        return y
+
+
+@pytest.mark.filterwarnings("ignore:Using 'Module.sow\\(\\)' outside:DeprecationWarning")
+@pytest.mark.parametrize("kw", [{}, {"grad_accum": 2}, {"skip_nonfinite": False}])
+def test_a_model_that_sows_intermediates_trains(kw):
+    model = _SowingNet(nnx.Rngs(0))
+    model(jnp.ones((2, 4)))  # sown before the state is made: not part of it either
+    state = TrainState.create(model, optax.adam(1e-2))
+    assert state.model_state == {}
+    step = jax.jit(functools.partial(train_step, loss_fn=_plain_loss, **kw))
+    batch = _xy_batch()
+    losses = []
+    for _ in range(3):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert state.model_state == {} and losses[-1] < losses[0]
+
+
+class _FlagNet(nnx.Module):
+    """Integer and boolean non-trainable state computed from the batch (a count and an "outlier seen" flag)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(4, 1, rngs=rngs)
+        self.rows = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.outlier = nnx.BatchStat(jnp.zeros((), jnp.bool_))
+
+    def __call__(self, x):
+        self.rows[...] = jnp.maximum(self.rows[...], jnp.sum(x[:, 0] > 0).astype(jnp.int32))
+        self.outlier[...] = self.outlier[...] | jnp.any(jnp.abs(x) > 8)
+        return self.lin(x)[:, 0]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_integer_and_boolean_model_state_under_shard_map_and_pmap_stays_replicated(grad_accum):
+    n = 4
+    batch = _xy_batch(16, seed=1)
+    batch["x"][5, 2] = 20.0  # one outlier, on one device only
+    fn = functools.partial(train_step, loss_fn=_plain_loss, axis_name="d", grad_accum=grad_accum)
+    state = lambda: TrainState.create(_FlagNet(nnx.Rngs(0)), optax.adam(1e-2))  # noqa: E731
+    mesh = jax.make_mesh((n,), ("d",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+    s_state, _ = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("d")), out_specs=(P(), P())))(
+        state(), batch)
+    p_state, _ = jax.pmap(fn, axis_name="d", devices=jax.devices()[:n])(
+        jax.tree.map(lambda x: jnp.stack([x] * n), state()),
+        jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), batch))
+    for leaf in jax.tree.leaves(p_state.model_state):  # every replica holds the same values
+        np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
+    assert bool(s_state.model_state["outlier"]) and bool(p_state.model_state["outlier"][0])
+    # integers take the maximum over devices (and microbatches, for this max-counter)
+    rows = batch["x"][:, 0] > 0
+    per_part = rows.reshape(n, -1)
+    if grad_accum == 2:  # strided microbatches within each device's rows
+        per_part = per_part.reshape(n, -1, 2).swapaxes(1, 2).reshape(n * 2, -1)
+    assert int(s_state.model_state["rows"]) == int(p_state.model_state["rows"][0]) == per_part.sum(1).max()
+
+
+def test_grad_accum_with_a_scalar_batch_leaf_names_it():
+    batch = {**_xy_batch(), "scale": np.float32(2.0)}
+    with pytest.raises(ValueError, match=r"batch leaf \['scale'\] is a scalar"):
+        jax.jit(functools.partial(train_step, loss_fn=_plain_loss, grad_accum=2))(
+            TrainState.create(_SowingNet(nnx.Rngs(0)), optax.adam(1e-2)), batch)
