@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -76,7 +78,7 @@ class TrainConfig:
     steps: int = 700  # optimizer steps to train
     batch_size: int = 16  # global batch (sequences per step, all devices and hosts)
     grad_accum: int = 1  # microbatches per step (lax.scan); batch_size must divide by it
-    seed: int = 0  # root seed for params, data order and dropout
+    seed: int = 0  # root seed for params, data order and dropout, in [0, 2**32)
     eval_every: int = 100  # steps between validation passes; 0 = only at the end
     eval_batches: int = 8  # batches in one validation pass (a fixed set)
     log_every: int = 10  # steps between metric fetches (the only host syncs)
@@ -345,6 +347,43 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
+# optim.<key>: (test the value must pass, what is valid). Written so that NaN fails every test.
+_OPTIM_RANGES = {
+    "lr": (lambda v: 0.0 < v < math.inf, "must be a finite number > 0"),
+    "warmup_init": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1] (a fraction of optim.lr; 0: lr / (warmup_steps + 1))"),
+    "min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "wsd_decay_fraction": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "b1": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "b2": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "eps": (lambda v: 0.0 < v < math.inf, "must be a finite number > 0 (AdamW divides by sqrt(v) + eps)"),
+    "weight_decay": (lambda v: 0.0 <= v < math.inf, "must be a finite number >= 0"),
+    "max_grad_norm": (lambda v: 0.0 <= v < math.inf, "must be a finite number >= 0 (0 disables clipping)"),
+}
+
+
+def _integer_at_least(value: Any, least: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
+
+
+def validate_optim(optim: OptimConfig) -> None:
+    """Range checks of the optimizer section; raises :class:`ConfigError` naming ``optim.<key>``.
+
+    Called by :func:`validate` and by :func:`jaxtrain.make_optimizer`, so an
+    out-of-range value (a NaN learning rate, ``b2=1``, a negative ``eps``) is an
+    error before it can turn into NaN parameters or a silently wrong schedule.
+    """
+    for key, (ok, why) in _OPTIM_RANGES.items():
+        value = getattr(optim, key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(float(value)):
+            raise ConfigError(f"optim.{key}={value!r}: {why}")
+    if optim.schedule not in _CHOICES["optim.schedule"]:
+        raise ConfigError(f"optim.schedule={optim.schedule!r}: must be one of {', '.join(_CHOICES['optim.schedule'])}")
+    if not _integer_at_least(optim.warmup_steps, 0):
+        raise ConfigError(f"optim.warmup_steps={optim.warmup_steps!r}: must be an integer >= 0")
+    if optim.decay_steps is not None and not _integer_at_least(optim.decay_steps, 1):
+        raise ConfigError(f"optim.decay_steps={optim.decay_steps!r}: must be a positive integer or null")
+
+
 def validate(cfg: Config) -> None:
     """Checks that span fields; raises :class:`ConfigError` naming key and value."""
 
@@ -360,7 +399,7 @@ def validate(cfg: Config) -> None:
     for key in positive:
         if _get(cfg, key) <= 0:
             bad(key, "must be a positive integer")
-    for key in ["train.eval_every", "train.sample_every", "train.sample_tokens", "optim.warmup_steps", "data.prefetch",
+    for key in ["train.eval_every", "train.sample_every", "train.sample_tokens", "data.prefetch",
                 "train.sample_temperature", "train.sample_top_k"]:
         if _get(cfg, key) < 0:
             bad(key, "must be >= 0")
@@ -377,21 +416,12 @@ def validate(cfg: Config) -> None:
         bad("data.val_fraction", "must be in (0, 1)")
     if cfg.train.batch_size % cfg.train.grad_accum:
         bad("train.batch_size", f"must be divisible by train.grad_accum={cfg.train.grad_accum}")
-    if cfg.optim.lr <= 0:
-        bad("optim.lr", "must be > 0")
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        bad("optim.min_lr_ratio", "must be in [0, 1]")
-    if not 0.0 <= cfg.optim.b1 < 1.0:
-        bad("optim.b1", "must be in [0, 1)")
-    if not 0.0 <= cfg.optim.b2 < 1.0:
-        bad("optim.b2", "must be in [0, 1)")
-    if cfg.optim.weight_decay < 0 or cfg.optim.max_grad_norm < 0:
-        bad("optim.weight_decay" if cfg.optim.weight_decay < 0 else "optim.max_grad_norm", "must be >= 0")
+    validate_optim(cfg.optim)
+    if not 0 <= cfg.train.seed < 2**32:  # jax.random.key keeps 32 bits: 2**32 would be seed 0 again
+        bad("train.seed", "must be an integer in [0, 2**32)")
     if cfg.parallel.data == 0 or cfg.parallel.data < -1:
         bad("parallel.data", "must be a positive device count or -1 (all remaining devices)")
     if cfg.checkpoint.keep_every is not None and cfg.checkpoint.keep_every <= 0:
         bad("checkpoint.keep_every", "must be a positive integer or null")
-    if cfg.optim.decay_steps is not None and cfg.optim.decay_steps <= 0:
-        bad("optim.decay_steps", "must be a positive integer or null")
     if cfg.log.peak_flops is not None and cfg.log.peak_flops <= 0:
         bad("log.peak_flops", "must be > 0 (FLOP/s of one device) or null")

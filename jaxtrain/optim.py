@@ -14,7 +14,7 @@ import jax
 import optax
 
 from jaxtrain import fused_optim
-from jaxtrain.config import OptimConfig
+from jaxtrain.config import OptimConfig, validate_optim
 
 PyTree = Any
 
@@ -87,6 +87,10 @@ def make_optimizer(cfg: OptimConfig, total_steps: Optional[int] = None, *,
         ``jax.grad`` / ``jax.jvp`` through ``train_step`` (meta-gradients) give
         optax's derivatives: the fused update defines them by optax's update.
 
+    Out-of-range settings (a NaN or non-positive ``lr``, ``b1``/``b2`` outside
+    [0, 1), ``eps <= 0``, ...) raise :class:`jaxtrain.config.ConfigError`, a
+    ``ValueError`` naming ``optim.<key>`` and what is valid.
+
     With the default mask, equal ``(cfg, total_steps)`` return the same
     transform object: ``tx`` is static metadata of :class:`TrainState`, so two
     states built from one config then share a pytree structure (and one
@@ -95,6 +99,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: Optional[int] = None, *,
 
         tx = make_optimizer(OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0))
     """
+    validate_optim(cfg)
     if fused not in (None, True, False):
         raise ValueError(f"make_optimizer: fused={fused!r}; must be None (where the CPU kernels can run), "
                          "True or False")

@@ -66,6 +66,19 @@ def test_config_is_frozen():
     ("run_dir=", ["run_dir=''", "must not be empty"]),
     ("data.source=", ["data.source=''", "must not be empty"]),
     ("data.val_source=''", ["data.val_source=''", "must not be empty"]),
+    # Values that would train on silently (NaN parameters, a schedule that never decays) or crash later
+    ("optim.lr=nan", ["optim.lr=nan", "finite number > 0"]),
+    ("optim.eps=-1", ["optim.eps=-1", "> 0"]),
+    ("optim.eps=0", ["optim.eps=0", "> 0"]),
+    ("optim.b2=1.0", ["optim.b2=1.0", "[0, 1)"]),
+    ("optim.max_grad_norm=nan", ["optim.max_grad_norm=nan", ">= 0"]),
+    ("optim.weight_decay=inf", ["optim.weight_decay=inf", "finite"]),
+    ("optim.warmup_init=-2", ["optim.warmup_init=-2", "[0, 1]"]),
+    ("optim.wsd_decay_fraction=7", ["optim.wsd_decay_fraction=7", "(0, 1]"]),
+    ("optim.warmup_steps=-1", ["optim.warmup_steps=-1", ">= 0"]),
+    ("optim.decay_steps=0", ["optim.decay_steps=0", "positive integer or null"]),
+    ("train.seed=9223372036854775808", ["train.seed=9223372036854775808", "[0, 2**32)"]),
+    ("train.seed=-1", ["train.seed=-1", "[0, 2**32)"]),
 ])
 def test_bad_overrides_raise_one_line_naming_the_key(override, needles):
     args = ["--config", str(ROOT / "configs/tiny.yaml"), override]

@@ -165,6 +165,23 @@ def test_decaying_schedule_needs_a_length():
         make_optimizer(OptimConfig(schedule="cosine"))
 
 
+@pytest.mark.parametrize("change, needle", [
+    (dict(lr=-1e-2), "optim.lr=-0.01: must be a finite number > 0"),  # would train uphill
+    (dict(lr=float("nan")), "optim.lr=nan"),                           # NaN params, reported as finite
+    (dict(b1=1.0), "optim.b1=1.0: must be in [0, 1)"),                 # bias correction divides by 0
+    (dict(b2=1.0), "optim.b2=1.0: must be in [0, 1)"),
+    (dict(eps=0.0), "optim.eps=0.0"),                                  # 0 / 0 on a zero gradient
+    (dict(max_grad_norm=-1.0), "optim.max_grad_norm=-1.0"),            # would disable clipping
+    (dict(min_lr_ratio=3.0), "optim.min_lr_ratio=3.0: must be in [0, 1]"),
+    (dict(schedule="linear"), "optim.schedule='linear': must be one of constant, cosine, wsd"),
+])
+def test_make_optimizer_refuses_out_of_range_settings_naming_them(change, needle):
+    cfg = dataclasses.replace(OptimConfig(schedule="constant", warmup_steps=0), **change)
+    with pytest.raises(ValueError) as e:
+        make_optimizer(cfg, total_steps=10)
+    assert needle in str(e.value)
+
+
 class _Linear(nnx.Module):
     def __init__(self, rngs):
         self.w = nnx.Linear(3, 1, rngs=rngs)
