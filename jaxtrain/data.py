@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import queue
 import sys
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 256
 FILE_HEADER = "# file: {}\n"  # precedes every file of a multi-file source
@@ -110,8 +113,16 @@ def _concat_cached(name: str, root: Path, rels: list[str], cache_dir: str) -> np
     files = [(r, st.st_size, st.st_mtime_ns) for r, st in zip(rels, stats)]
     key = repr((_CACHE_FORMAT, sys.version, str(root), files))
     cache = Path(cache_dir).expanduser() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
-    if not cache.exists():
+    if cache.exists():
+        try:
+            return np.load(cache, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:  # damaged (e.g. truncated): it is derived data, rebuild it
+            log.warning("corpus cache '%s' is unreadable (%s); rebuilding it", cache, e)
+    try:
         _write_concat(cache, root, rels, sizes)
+    except OSError as e:
+        raise DataError(f"data.cache_dir='{cache_dir}': cannot write the corpus cache there ({type(e).__name__}: "
+                        f"{e.strerror or e}); pass a writable directory") from None
     return np.load(cache, mmap_mode="r")
 
 
@@ -157,7 +168,11 @@ def _read_source(source: str, key: str, cfg) -> np.ndarray:
             raise DataError(f"{key}='{source}': folder has no files matching data.glob='{cfg.glob}'")
         return _concat_cached(f"dir-{path.name}", path.resolve(), rels, cfg.cache_dir)
     if path.suffix == ".npy":
-        tokens = np.load(path, mmap_mode="r")
+        try:
+            tokens = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:  # truncated, not .npy at all, or pickled objects
+            raise DataError(f"{key}='{source}': not a readable .npy file ({' '.join(str(e).split())[:200]}); "
+                            "expected a 1-D integer array of token ids saved with numpy.save") from None
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise DataError(f"{key}='{source}': .npy holds {tokens.dtype}{list(tokens.shape)}; "
                             "expected a 1-D integer array of token ids")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -109,6 +110,11 @@ def state_factory(cfg: Config) -> Callable[[], TrainState]:
         return TrainState.create(model, tx, rng=k_train)
 
     return make_state
+
+
+def run_path(cfg: Config) -> Path:
+    """``run_dir`` as a path, ``~`` expanded (as the checkpoints' directory is)."""
+    return Path(cfg.run_dir).expanduser()
 
 
 def _check_run_dir(run_dir: str) -> None:
@@ -218,8 +224,8 @@ def train(cfg: Config) -> Summary:
         state, start, resumed = _initial_state(run, mngr)
         _compile_sampling(run, state)
         if run.is_main and start < cfg.train.steps:  # a finished run's files stay as they are
-            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.run_dir) / CONFIG_FILE).write_text(to_yaml(cfg))
+            run_path(cfg).mkdir(parents=True, exist_ok=True)
+            (run_path(cfg) / CONFIG_FILE).write_text(to_yaml(cfg))
         return _loop(run, mngr, state, start, resumed, t0)
     finally:
         mngr.close()  # waits for an asynchronous save to commit
@@ -251,7 +257,9 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
     pending: list[dict] = []  # per-step metrics, still on the device
     val_loss, sample = None, ""
     clock = metrics.Stopwatch()  # training time only: eval, samples and checkpoints are excluded
-    log = metrics.MetricsLog(cfg.run_dir, start_step=start, total_steps=tc.steps, enabled=run.is_main,
+    if run.is_main:
+        _trim_samples(run_path(cfg) / SAMPLES_FILE, start)
+    log = metrics.MetricsLog(run_path(cfg), start_step=start, total_steps=tc.steps, enabled=run.is_main,
                              tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
     batches = data.Prefetcher(run.batch, start, tc.steps, depth=cfg.data.prefetch, place=run.place)
     watch = signals.NonFiniteWatch(tc.max_nonfinite)
@@ -368,13 +376,30 @@ def evaluate(run: Run, state: TrainState) -> float:
     return float(np.mean(jax.device_get(losses)))
 
 
+_SAMPLE_HEADER = re.compile(r"^===== step (\d+) =====$", re.M)
+
+
+def _trim_samples(path: Path, start: int) -> None:
+    """Drop the samples after step ``start`` that an interrupted run left, as ``metrics.jsonl`` is cut back."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    heads = list(_SAMPLE_HEADER.finditer(text))
+    cut = next((h.start() for h in heads if int(h.group(1)) > start), None)
+    if cut is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")  # a kill at this moment keeps the old file
+    tmp.write_text(text[:cut])
+    os.replace(tmp, path)
+
+
 def _sample(run: Run, state: TrainState, step: int, record: bool = True) -> str:
     """Generate the configured sample (every process: params may be sharded); process 0 appends it if ``record``."""
     tc = run.cfg.train
     text = generate.sample_text(state, tc.sample_prompt, tokens=tc.sample_tokens,
                                 temperature=tc.sample_temperature, top_k=tc.sample_top_k, seed=step)[0]
     if run.is_main and record:
-        with open(Path(run.cfg.run_dir) / SAMPLES_FILE, "a") as f:
+        with open(run_path(run.cfg) / SAMPLES_FILE, "a") as f:
             f.write(f"===== step {step} =====\n{text}\n\n")
     return text
 
@@ -389,8 +414,8 @@ def _finish(run: Run, state: TrainState, start: int, val_loss: float, sample: st
                       loop_s=loop_s, wall_s=time.perf_counter() - t0, sample=sample)
     if run.is_main:
         if run.cfg.log.plot:
-            rows = metrics.read_jsonl(Path(run.cfg.run_dir) / metrics.METRICS_FILE)
-            metrics.plot(rows, Path(run.cfg.run_dir) / metrics.PLOT_FILE, baseline=run.baseline)
+            rows = metrics.read_jsonl(run_path(run.cfg) / metrics.METRICS_FILE)
+            metrics.plot(rows, run_path(run.cfg) / metrics.PLOT_FILE, baseline=run.baseline)
         print(metrics.summary_line(steps=steps, val_loss=summary.val_loss, baseline=summary.baseline,
                                    tokens_per_s=summary.tokens_per_s, mfu_=summary.mfu,
                                    train_s=summary.train_s, wall_s=summary.wall_s), flush=True)

@@ -161,7 +161,7 @@ class MetricsLog:
         self._file = self._tb = self._bar = None
         if not enabled:
             return
-        run_dir = Path(run_dir)
+        run_dir = Path(run_dir).expanduser()
         path = run_dir / METRICS_FILE
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step] if start_step else []
         # Rewrite through a temporary file so a kill at this moment keeps the old history.
@@ -169,7 +169,7 @@ class MetricsLog:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
         os.replace(tmp, path)
         self._file = open(path, "a", buffering=1)  # line-buffered: a row is on disk once logged
-        if tensorboard:
+        if tensorboard and start_step < total_steps:  # a finished run gets no new, empty event file
             self._tb = _summary_writer_class()(str(run_dir / TB_DIR), purge_step=start_step or None)
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,

@@ -156,6 +156,35 @@ def test_errors_name_path_and_key(tmp_path):
     (tmp_path / "odd.bin").write_bytes(b"abc")
     _raises("odd.bin.*not a multiple.*uint16", data.load_corpus, cfg(tmp_path, source=str(tmp_path / "odd.bin")))
 
+    np.save(tmp_path / "ok.npy", np.arange(5000, dtype=np.int64) % 256)
+    (tmp_path / "trunc.npy").write_bytes((tmp_path / "ok.npy").read_bytes()[:3000])
+    _raises("trunc.npy': not a readable .npy file", data.load_corpus, cfg(tmp_path, source=str(tmp_path / "trunc.npy")))
+    (tmp_path / "fake.npy").write_text("hello\n")
+    _raises("fake.npy': not a readable .npy file", data.load_corpus, cfg(tmp_path, source=str(tmp_path / "fake.npy")))
+    np.save(tmp_path / "obj.npy", np.array([1, "a"], dtype=object), allow_pickle=True)
+    _raises("obj.npy': not a readable .npy file", data.load_corpus, cfg(tmp_path, source=str(tmp_path / "obj.npy")))
+
+
+def test_cache_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("hello world\n" * 20)
+    (tmp_path / "f").write_text("in the way")
+    for where in (tmp_path / "f", tmp_path / "f" / "sub"):
+        _raises(f"data.cache_dir='{where}': cannot write the corpus cache there", data.load_corpus,
+                DataConfig(source=str(tmp_path / "corpus"), cache_dir=str(where)))
+    assert (tmp_path / "f").read_text() == "in the way"
+
+
+def test_a_damaged_corpus_cache_is_rebuilt(tmp_path, caplog):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("hello world\n" * 2000)
+    c = cfg(tmp_path, source=str(tmp_path / "corpus"))
+    want = np.array(data.load_corpus(c).train)
+    [cache] = (tmp_path / "cache").glob("*.npy")
+    cache.write_bytes(cache.read_bytes()[:1000])  # truncated, e.g. by a full disk
+    np.testing.assert_array_equal(data.load_corpus(c).train, want)
+    assert "unreadable" in caplog.text and "rebuilding" in caplog.text
+
 
 def test_check_corpus(tmp_path):
     c = data.Corpus("tiny", np.arange(100, dtype=np.uint16), np.arange(10, dtype=np.uint16))

@@ -2,6 +2,8 @@
 directory; bad inputs fail with one line and leave an existing run directory untouched."""
 
 import hashlib
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,10 +139,37 @@ def test_rerunning_a_finished_run_reports_it_and_rewrites_nothing(tiny_run, caps
     assert r.returncode == 0
     kept = ("config.yaml", "samples.txt", "metrics.jsonl")
     before = {name: (run_dir / name).read_bytes() for name in kept}
+    events = sorted((run_dir / "tb").iterdir())
     assert run.main(["--config", str(TINY), f"run_dir={run_dir}", *QUIET, "train.sample_tokens=7"]) == 0
     out = capsys.readouterr().out
     assert "resuming from step 40" in out and _summary(out).startswith("done: 40 steps")
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
+    assert sorted((run_dir / "tb").iterdir()) == events  # no new, empty TensorBoard event file
+
+
+def test_resuming_from_an_older_checkpoint_cuts_samples_back_like_metrics(tiny_run, tmp_path, capsys):
+    run_dir, r = tiny_run
+    assert r.returncode == 0
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "checkpoints" / "40" / "meta" / "metadata").unlink()  # the newest step is unreadable: resume at 20
+    assert run.main(["--config", str(TINY), f"run_dir={copy}", *QUIET]) == 0
+    assert "resuming from step 20" in capsys.readouterr().out
+    samples = (copy / "samples.txt").read_text()
+    assert [int(n) for n in re.findall(r"^===== step (\d+) =====$", samples, re.M)] == [20, 40]
+    assert samples == (run_dir / "samples.txt").read_text()  # the same history as the uninterrupted run
+    steps = [row["step"] for row in metrics.read_jsonl(copy / metrics.METRICS_FILE)]
+    assert steps == sorted(set(steps)) == list(range(5, 41, 5))
+
+
+def test_a_run_dir_under_home_keeps_every_file_in_one_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["--config", str(TINY), "run_dir=~/runs/t", *QUIET, "train.steps=2", "train.eval_batches=1",
+                     "train.sample_tokens=2", "log.tensorboard=false"]) == 0
+    assert not (tmp_path / "~").exists()
+    assert {p.name for p in (tmp_path / "home" / "runs" / "t").iterdir()} >= {
+        "checkpoints", "config.yaml", "metrics.jsonl", "samples.txt", "plot.png"}
 
 
 def test_failing_run_creates_no_run_dir(tmp_path, capsys):
