@@ -84,7 +84,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metric fetches (the only host syncs)
     sample_every: int = 0  # steps between text samples; 0 = only at the end
     sample_tokens: int = 300  # tokens generated per sample
-    sample_prompt: str = "def "  # prompt for samples
+    sample_prompt: str = "def "  # prompt for samples (for a .bin/.npy corpus: token ids separated by spaces)
     sample_temperature: float = 0.8  # softmax temperature of samples; 0 = greedy
     sample_top_k: int = 40  # samples draw from the k most likely tokens; 0 = all
     max_nonfinite: int = 5  # consecutive non-finite steps (skipped) before stopping

@@ -62,6 +62,44 @@ def decode(tokens) -> str:
     return bytes(np.asarray(tokens, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
 
+def is_byte_level(source: str) -> bool:
+    """True when ``data.source`` is text (a file, a folder, the built-in corpus): its token ids are UTF-8 bytes.
+
+    A ``.bin`` or ``.npy`` source holds token ids of some other tokenizer (e.g.
+    GPT-2's BPE); prompts and samples of such a run are token ids, not text.
+    """
+    return Path(source).suffix not in (".bin", ".npy")
+
+
+def prompt_tokens(prompt: str, *, byte_level: bool, vocab_size: int, key: str = "prompt") -> np.ndarray:
+    """A prompt's token ids: its UTF-8 bytes, or for a token-id corpus the integers it lists.
+
+    Raises :class:`DataError` naming ``key`` when a token-id prompt is not
+    integers separated by spaces or an id is outside ``[0, vocab_size)``.
+    """
+    if byte_level:
+        return encode(prompt)
+    try:
+        ids = np.asarray([int(t) for t in prompt.split()], np.int64)
+    except ValueError:
+        raise DataError(f"{key}={prompt!r}: data.source holds token ids (a .bin or .npy file), not text, so a "
+                        "prompt is token ids separated by spaces, e.g. '50256' (GPT-2's end of text)") from None
+    if ids.size == 0:
+        raise DataError(f"{key}={prompt!r}: data.source holds token ids (a .bin or .npy file); give at least one "
+                        "token id to start from, e.g. '50256' (GPT-2's end of text)")
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise DataError(f"{key}={prompt!r}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+    return ids
+
+
+def show_tokens(tokens, *, byte_level: bool) -> str:
+    """Generated tokens as text (:func:`decode`), or for a token-id corpus as space-separated ids."""
+    if byte_level:
+        return decode(tokens)
+    return " ".join(str(int(t)) for t in np.asarray(tokens).reshape(-1))
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: arrays have no truth value; identity is enough
 class Corpus:
     """Train and validation tokens, each 1-D (np.ndarray or np.memmap, uint8/16/32).

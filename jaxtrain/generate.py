@@ -149,16 +149,24 @@ def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt
 
 
 def sample_text(state, prompt: str, *, tokens: int, temperature: float = 1.0, top_k: int = 0,
-                seed: int = 0, num_samples: int = 1, kv_cache: Optional[bool] = None) -> list[str]:
-    """``prompt`` + generated text from a :class:`~jaxtrain.state.TrainState` of a byte-level GPT.
+                seed: int = 0, num_samples: int = 1, kv_cache: Optional[bool] = None,
+                byte_level: bool = True) -> list[str]:
+    """``prompt`` + generated text from a :class:`~jaxtrain.state.TrainState` of a GPT.
 
     Returns ``num_samples`` strings (invalid UTF-8 at a cut becomes U+FFFD).
+    With ``byte_level=False`` (a model trained on token ids of another
+    tokenizer, :func:`jaxtrain.data.is_byte_level`) the prompt is token ids
+    separated by spaces and each sample is the prompt's ids and the new ones,
+    for that tokenizer to decode.
     """
-    block_size = state.model().config.block_size
-    new = generate(state.graphdef, state.params, state.model_state, data.encode(prompt), tokens=tokens,
-                   block_size=block_size, temperature=temperature, top_k=top_k, seed=seed,
+    config = state.model().config
+    ids = data.prompt_tokens(prompt, byte_level=byte_level, vocab_size=config.vocab_size)
+    new = generate(state.graphdef, state.params, state.model_state, ids, tokens=tokens,
+                   block_size=config.block_size, temperature=temperature, top_k=top_k, seed=seed,
                    num_samples=num_samples, kv_cache=kv_cache)
-    return [prompt + data.decode(row) for row in new]
+    if byte_level:
+        return [prompt + data.decode(row) for row in new]
+    return [data.show_tokens(np.concatenate([ids, row]), byte_level=False) for row in new]
 
 
 # ---------------------------------------------------------------- CLI
@@ -173,8 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jaxtrain.generate",
                 description="Generate text from a run directory's latest checkpoint.")
     p.add_argument("--run-dir", required=True, help="run directory written by python -m jaxtrain.run")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a line)")
-    p.add_argument("--tokens", type=int, default=200, help="tokens (bytes) to generate")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a line); for a run on "
+                   "a .bin/.npy corpus of token ids, token ids separated by spaces")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to generate (bytes, for text corpora)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 = all")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -192,13 +201,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     from jaxtrain import checkpoint
 
     try:
-        state, _ = checkpoint.load_run(args.run_dir)
+        state, cfg = checkpoint.load_run(args.run_dir)
     except (checkpoint.CheckpointError, ValueError) as e:  # ValueError covers ConfigError
         print(f"error: cannot load a checkpoint from --run-dir={args.run_dir}: {str(e).splitlines()[0]}",
               file=sys.stderr)
         return 2
-    texts = sample_text(state, args.prompt, tokens=args.tokens, temperature=args.temperature,
-                        top_k=args.top_k, seed=args.seed, num_samples=args.num_samples)
+    try:
+        texts = sample_text(state, args.prompt, tokens=args.tokens, temperature=args.temperature,
+                            top_k=args.top_k, seed=args.seed, num_samples=args.num_samples,
+                            byte_level=data.is_byte_level(cfg.data.source))
+    except data.DataError as e:
+        print(f"error: {str(e).replace('prompt=', '--prompt=', 1)}", file=sys.stderr)
+        return 2
     print("\n\n-----\n\n".join(texts))
     return 0
 

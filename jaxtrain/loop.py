@@ -174,6 +174,8 @@ def setup(cfg: Config) -> Run:
     checkpoint.check_resume(cfg)  # an incompatible run_dir fails before any compilation
     corpus = data.load_corpus(cfg.data)
     data.check_corpus(corpus, cfg.model.block_size, cfg.model.vocab_size)
+    data.prompt_tokens(cfg.train.sample_prompt, byte_level=data.is_byte_level(cfg.data.source),
+                       vocab_size=cfg.model.vocab_size, key="train.sample_prompt")
     _check_devices(cfg)
     mesh = parallel.make_mesh(cfg.parallel)
     parallel.check_batch(cfg, mesh)
@@ -234,9 +236,11 @@ def train(cfg: Config) -> Summary:
 def _compile_sampling(run: Run, state: TrainState) -> None:
     """Compile the decoders the samples will use now, so no compilation happens inside the loop."""
     tc = run.cfg.train
-    generate.sample_text(state, tc.sample_prompt, tokens=1)  # the KV-cache decoder (GPT) or the window
-    if len(data.encode(tc.sample_prompt)) + tc.sample_tokens > run.cfg.model.block_size:
-        generate.sample_text(state, tc.sample_prompt, tokens=1, kv_cache=False)  # past block_size: the window
+    byte_level = data.is_byte_level(run.cfg.data.source)
+    generate.sample_text(state, tc.sample_prompt, tokens=1, byte_level=byte_level)  # the KV-cache decoder or the window
+    prompt = data.prompt_tokens(tc.sample_prompt, byte_level=byte_level, vocab_size=run.cfg.model.vocab_size)
+    if len(prompt) + tc.sample_tokens > run.cfg.model.block_size:  # past block_size: the window
+        generate.sample_text(state, tc.sample_prompt, tokens=1, kv_cache=False, byte_level=byte_level)
 
 
 def _due(done: int, every: int, total: int) -> bool:
@@ -397,7 +401,8 @@ def _sample(run: Run, state: TrainState, step: int, record: bool = True) -> str:
     """Generate the configured sample (every process: params may be sharded); process 0 appends it if ``record``."""
     tc = run.cfg.train
     text = generate.sample_text(state, tc.sample_prompt, tokens=tc.sample_tokens,
-                                temperature=tc.sample_temperature, top_k=tc.sample_top_k, seed=step)[0]
+                                temperature=tc.sample_temperature, top_k=tc.sample_top_k, seed=step,
+                                byte_level=data.is_byte_level(run.cfg.data.source))[0]
     if run.is_main and record:
         with open(run_path(run.cfg) / SAMPLES_FILE, "a") as f:
             f.write(f"===== step {step} =====\n{text}\n\n")

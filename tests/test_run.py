@@ -239,3 +239,26 @@ def test_flops_per_token_from_counts_matches_the_model():
     # what the loop computes from the abstract state's parameter count
     assert metrics.flops_per_token(n, mc.block_size * mc.n_embd, n_layer=2, n_embd=16,
                                    block_size=32) == model.flops_per_token()
+
+
+def test_a_token_id_corpus_samples_token_ids_and_takes_an_id_prompt(tmp_path, capsys):
+    ids = (np.arange(20_000) * 7919 % 500).astype(np.uint16)  # a "BPE" corpus: ids up to 499, not bytes
+    ids.tofile(tmp_path / "tok.bin")
+    base = ["--config", str(TINY), f"data.source={tmp_path / 'tok.bin'}", "model.vocab_size=512", *QUIET,
+            "train.steps=2", "train.eval_batches=1", "train.sample_tokens=5", "log.tensorboard=false"]
+    # The default prompt is text: refused before anything is written, naming the key and the form it needs
+    assert run.main([*base, f"run_dir={tmp_path / 'r0'}"]) == run.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.sample_prompt='def ': data.source holds token ids") and "\n" not in err
+    assert not (tmp_path / "r0").exists()
+    assert run.main([*base, f"run_dir={tmp_path / 'r1'}", "train.sample_prompt=511 3"]) == 0
+    sample = (tmp_path / "r1" / "samples.txt").read_text().split("=====\n")[1].strip()
+    words = sample.split()
+    assert words[:2] == ["511", "3"] and len(words) == 7 and all(0 <= int(w) < 512 for w in words)
+
+    r = _cli("jaxtrain.generate", "--run-dir", str(tmp_path / "r1"), "--prompt", "42", "--tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "42" and len(r.stdout.split()) == 5
+    r = _cli("jaxtrain.generate", "--run-dir", str(tmp_path / "r1"), "--prompt", "600")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --prompt='600': token id 600 is outside the model's vocabulary [0, 512)")
