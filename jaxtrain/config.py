@@ -80,7 +80,7 @@ class TrainConfig:
     grad_accum: int = 1  # microbatches per step (lax.scan); batch_size must divide by it
     seed: int = 0  # root seed for params, data order and dropout, in [0, 2**32)
     eval_every: int = 100  # steps between validation passes; 0 = only at the end
-    eval_batches: int = 8  # batches in one validation pass (a fixed set)
+    eval_batches: int = 8  # batches of batch_size sequences in one validation pass (a fixed set)
     log_every: int = 10  # steps between metric fetches (the only host syncs)
     sample_every: int = 0  # steps between text samples; 0 = only at the end
     sample_tokens: int = 300  # tokens generated per sample

@@ -156,12 +156,16 @@ def _compile_steps(cfg: Config, mesh: Mesh, abstract_state: TrainState, sharding
 
 
 def _eval_batches(cfg: Config, corpus: data.Corpus, mesh: Mesh) -> tuple:
-    bs = cfg.train.batch_size // cfg.train.grad_accum
-    return tuple(
-        parallel.place_batch(data.eval_batch(corpus.val, index=i, batch_size=bs, block_size=cfg.model.block_size,
-                                             process_index=jax.process_index(),
-                                             process_count=jax.process_count()), mesh)
-        for i in range(cfg.train.eval_batches))
+    """The fixed validation set: ``eval_batches`` batches of ``batch_size`` rows, each evaluated in
+    ``grad_accum`` equal parts (the microbatch size, which fits wherever training fits). The rows do
+    not depend on ``grad_accum``, so neither does the validation loss."""
+    accum = cfg.train.grad_accum
+    batches = []
+    for i in range(cfg.train.eval_batches):
+        full = data.eval_batch(corpus.val, index=i, batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+        batches += [parallel.place_batch({k: v[part::accum] for k, v in full.items()}, mesh) for part in range(accum)]
+    return tuple(batches)
 
 
 def setup(cfg: Config) -> Run:

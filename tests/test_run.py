@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -262,3 +263,16 @@ def test_a_token_id_corpus_samples_token_ids_and_takes_an_id_prompt(tmp_path, ca
     r = _cli("jaxtrain.generate", "--run-dir", str(tmp_path / "r1"), "--prompt", "600")
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: --prompt='600': token id 600 is outside the model's vocabulary [0, 512)")
+
+
+def test_the_validation_loss_does_not_depend_on_grad_accum(tmp_path):
+    from jaxtrain import loop
+
+    losses = []
+    for accum in (1, 4):
+        cfg = config.load(str(TINY), [f"run_dir={tmp_path}", f"train.grad_accum={accum}", "train.eval_batches=2",
+                                      "train.batch_size=32"])  # microbatches of 8: one row per test device
+        r = loop.setup(cfg)
+        assert len(r.eval_batches) == 2 * accum and r.eval_batches[0]["inputs"].shape[0] == 32 // accum
+        losses.append(loop.evaluate(r, jax.jit(r.make_state)()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
