@@ -133,9 +133,16 @@ def _loss_and_grads(state: TrainState, batch: Batch, rng: jax.Array, loss_fn: Lo
 
 def _call_loss(loss_fn: LossFn, model: nnx.Module, batch: Batch, rng: Optional[jax.Array]):
     """``(scalar loss, aux dict)`` from ``loss_fn``, which may also return the loss alone."""
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    try:
+        inspect.signature(loss_fn).bind(model, batch, rng)
+    except TypeError as e:  # wrong arity: say what train_step / eval_step call it with
+        raise TypeError(f"loss_fn {name} must take (model, batch, rng) (rng: a key in train_step, None in "
+                        f"eval_step), but {e}") from None
+    except ValueError:  # no introspectable signature (some builtins): just call it
+        pass
     out = loss_fn(model, batch, rng)
     loss, aux = out if isinstance(out, (tuple, list)) and len(out) == 2 else (out, {})
-    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
     if not hasattr(loss, "shape") or loss.shape != ():
         raise ValueError(f"loss_fn {name} must return a scalar loss or (scalar loss, aux dict); got a loss of "
                          f"shape {getattr(loss, 'shape', type(loss).__name__)} (take .mean() over the batch)")

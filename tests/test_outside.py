@@ -320,6 +320,17 @@ def test_loss_fn_and_grad_accum_mistakes_are_named(loss_fn, kwargs, message):
         train_step(state, batch, loss_fn=loss_fn, **kwargs)
 
 
+def test_a_loss_fn_with_the_wrong_arguments_is_told_the_signature():
+    state, batch = _regression()
+
+    def two_args(model, batch):
+        return _mse_only(model, batch, None)
+
+    for fn in (functools.partial(train_step, loss_fn=two_args), functools.partial(eval_step, loss_fn=two_args)):
+        with pytest.raises(TypeError, match=r"loss_fn two_args must take \(model, batch, rng\)"):
+            fn(state, batch)
+
+
 def test_trainstate_rng_must_be_a_seed_or_a_key():
     with pytest.raises(TypeError, match="rng must be an int seed or a jax.random.key, got None"):
         TrainState.create(_Regressor(nnx.Rngs(0)), optax.adam(1e-3), rng=None)
