@@ -2,6 +2,10 @@
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 from typing import Any, NamedTuple
 
 import jax
@@ -296,6 +300,31 @@ def test_compute_dtype_casts_the_forward_only():
     assert seen == [jnp.bfloat16]
     assert {x.dtype for x in jax.tree.leaves((low.params, grads_of(low)))} == {jnp.dtype(jnp.float32)}
     assert float(low_m[0]["loss"]) == pytest.approx(float(ref_m[0]["loss"]), rel=2e-2)
+
+
+def test_compute_dtype_on_the_gpt_with_its_cpu_kernels():
+    # One device, model.matmul=auto: the CPU kernels run where operands are float32. The LayerNorms
+    # compute in float32 on float32 activations while their params arrive cast to bfloat16.
+    code = """
+        import functools, jax, jax.numpy as jnp, numpy as np
+        from flax import nnx
+        from jaxtrain import TrainState, make_optimizer, train_step
+        from jaxtrain.config import OptimConfig
+        from jaxtrain.models import GPT, GPTConfig
+        cfg = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32)
+        tx = make_optimizer(OptimConfig(schedule="constant", warmup_steps=0))
+        x = np.random.default_rng(0).integers(0, 256, (4, 33))
+        batch = {"inputs": jnp.asarray(x[:, :-1]), "targets": jnp.asarray(x[:, 1:])}
+        for dtype in (None, jnp.bfloat16):
+            state = TrainState.create(GPT(cfg, rngs=nnx.Rngs(0)), tx)
+            _, m = jax.jit(functools.partial(train_step, compute_dtype=dtype))(state, batch)
+            print(float(m["loss"]))
+    """
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref, low = map(float, r.stdout.split())
+    assert low == pytest.approx(ref, rel=2e-2)
 
 
 # --- bad input: a clear error, not a trace from inside JAX ---------------------------------

@@ -53,8 +53,10 @@ def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 def _norm(ln: nnx.LayerNorm, x: jax.Array, use_blas: bool | None) -> jax.Array:
     """``ln(x)``; on the BLAS path (float32 on one CPU device) as one fused kernel each way."""
     if _blas_on(use_blas, x):
-        bias = None if ln.bias is None else ln.bias[...]
-        return fused.layer_norm(x, ln.scale[...], bias, eps=ln.epsilon, use_fused=True)
+        # The LayerNorm computes in float32 (dtype=float32) whatever its params' dtype, as here: under
+        # train_step's compute_dtype the params arrive cast to bfloat16 while x is float32.
+        f32 = lambda p: None if p is None else p[...].astype(jnp.float32)  # noqa: E731
+        return fused.layer_norm(x, f32(ln.scale), f32(ln.bias), eps=ln.epsilon, use_fused=True)
     return ln(x)
 
 
