@@ -93,10 +93,8 @@ def prompt_tokens(prompt: str, *, byte_level: bool, vocab_size: int, key: str = 
     return ids
 
 
-def show_tokens(tokens, *, byte_level: bool) -> str:
-    """Generated tokens as text (:func:`decode`), or for a token-id corpus as space-separated ids."""
-    if byte_level:
-        return decode(tokens)
+def format_ids(tokens) -> str:
+    """Token ids separated by spaces: a token-id corpus's samples, the form :func:`prompt_tokens` reads back."""
     return " ".join(str(int(t)) for t in np.asarray(tokens).reshape(-1))
 
 

@@ -166,7 +166,7 @@ def sample_text(state, prompt: str, *, tokens: int, temperature: float = 1.0, to
                    num_samples=num_samples, kv_cache=kv_cache)
     if byte_level:
         return [prompt + data.decode(row) for row in new]
-    return [data.show_tokens(np.concatenate([ids, row]), byte_level=False) for row in new]
+    return [data.format_ids(np.concatenate([ids, row])) for row in new]
 
 
 # ---------------------------------------------------------------- CLI
@@ -206,13 +206,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: cannot load a checkpoint from --run-dir={args.run_dir}: {str(e).splitlines()[0]}",
               file=sys.stderr)
         return 2
+    byte_level = data.is_byte_level(cfg.data.source)
     try:
-        texts = sample_text(state, args.prompt, tokens=args.tokens, temperature=args.temperature,
-                            top_k=args.top_k, seed=args.seed, num_samples=args.num_samples,
-                            byte_level=data.is_byte_level(cfg.data.source))
+        data.prompt_tokens(args.prompt, byte_level=byte_level, vocab_size=cfg.model.vocab_size, key="--prompt")
     except data.DataError as e:
-        print(f"error: {str(e).replace('prompt=', '--prompt=', 1)}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    texts = sample_text(state, args.prompt, tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
+                        seed=args.seed, num_samples=args.num_samples, byte_level=byte_level)
     print("\n\n-----\n\n".join(texts))
     return 0
 

@@ -19,6 +19,10 @@ from flax import nnx, struct
 
 PyTree = Any
 
+# What TrainState.model_state holds: every non-Param variable (BatchNorm statistics, counters, stored
+# PRNG keys) except what a forward pass sows (nnx.Intermediate), which belongs to that call.
+MODEL_STATE = nnx.All(nnx.Not(nnx.Param), nnx.Not(nnx.Intermediate))
+
 
 @struct.dataclass
 class TrainState:
@@ -43,7 +47,7 @@ class TrainState:
 
             state = TrainState.create(MyModel(rngs=nnx.Rngs(0)), optax.adamw(1e-3))
         """
-        if nnx.state(model, nnx.Intermediate):  # values a forward pass sowed belong to that call, not to the state
+        if nnx.state(model, nnx.Intermediate):  # not MODEL_STATE; removed so the graphdef has none either
             model = nnx.clone(model)
             nnx.pop(model, nnx.Intermediate)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -34,7 +34,7 @@ from flax import nnx
 from jaxtrain import diagnostics as diag
 from jaxtrain import fused_optim
 from jaxtrain.optim import current_lr
-from jaxtrain.state import TrainState
+from jaxtrain.state import MODEL_STATE, TrainState
 
 PyTree = Any
 Batch = Any  # a pytree of arrays with a leading batch axis; the GPT uses {"inputs", "targets"}
@@ -98,11 +98,6 @@ def check_tokens(batch: Batch, vocab_size: int, block_size: Optional[int] = None
                          f"[0, {vocab_size}) (model.vocab_size={vocab_size})")
     if block_size is not None and inputs.shape[1] > block_size:
         raise ValueError(f"batch time length {inputs.shape[1]} exceeds model.block_size={block_size}")
-
-
-# What train_step carries over in state.model_state: every non-Param variable (BatchNorm statistics,
-# counters, stored PRNG keys) except what a forward pass sows (nnx.Intermediate), which is per call.
-MODEL_STATE = nnx.All(nnx.Not(nnx.Param), nnx.Not(nnx.Intermediate))
 
 
 def _cast_floats(tree: PyTree, dtype) -> PyTree:
