@@ -424,7 +424,7 @@ def extras(args: argparse.Namespace) -> dict:
              f"model.n_head={s.n_head}", f"model.n_embd={s.n_embd}", f"train.batch_size={s.batch}"]
     return {
         "Whole `jaxtrain.run` loop vs the bare step (same model and batch, alternating rounds)": _run_extra(
-            [sys.executable, "benchmarks/bench_loop.py", "--steps", "40", "--rounds", "4", *model,
+            [sys.executable, "benchmarks/bench_loop.py", "--steps", "40", "--rounds", "4", "--host-steps", "300", *model,
              "train.eval_every=0", "checkpoint.every=1000"], timeout=1800),
         "Start-up: process start to the first finished step of configs/tiny.yaml": _run_extra(
             [sys.executable, "benchmarks/bench_startup.py", "--repeats", "3"], timeout=900),

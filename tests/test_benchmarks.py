@@ -93,3 +93,13 @@ def test_check_attention_smoke_compares_with_the_float32_reference():
     xla = out["xla"]
     assert xla["loss_rel_err"] < 1e-3 and 0 < xla["grad_rel_err"] < 5e-2  # bfloat16 against float32
     assert xla["losses"][-1] < xla["losses"][0]
+
+
+def test_bench_loop_smoke_times_the_loop_the_bare_step_and_the_loops_own_cost(capsys):
+    out = load_benchmark("bench_loop").main([
+        "--config", "configs/tiny.yaml", "--steps", "4", "--rounds", "1", "--host-steps", "6", "--host-rounds", "1",
+        "train.log_every=2", "train.eval_every=0", "train.sample_tokens=4"])
+    text = capsys.readouterr().out
+    assert "round 0: loop" in text and "the loop adds" in text and "% of the bare step above" in text
+    assert out["bare_tps"] > 0 and out["loop_tps"] > 0 and out["e2e_tps"] > 0
+    assert out["batch_ms"] > 0 and math.isfinite(out["host_ms_per_step"]) and math.isfinite(out["host_share"])
