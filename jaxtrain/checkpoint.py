@@ -173,8 +173,11 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, *, config: Config, data
 
 def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    if not isinstance(meta, dict) or "config" not in meta:
-        raise ValueError("metadata has no 'config'")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError("metadata has no 'config' mapping")
+    data_step = meta.get("data_step")
+    if not isinstance(data_step, int) or isinstance(data_step, bool) or data_step < 0:
+        raise ValueError(f"metadata's 'data_step' is {data_step!r}, not a step number")
     return meta
 
 

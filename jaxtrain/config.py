@@ -219,6 +219,9 @@ def _error_from(e: Exception, origin: str, layer: Any = None) -> ConfigError:
     if isinstance(e, oc_errors.ValidationError):
         msg = str(e).splitlines()[0]
         return ConfigError(f"bad value for '{key}' in {origin}: {msg}")
+    if isinstance(e, oc_errors.InterpolationResolutionError):
+        return ConfigError(f"'{key}' in {origin}: {str(e).splitlines()[0]} (a ${{...}} refers to another config "
+                           "key, e.g. ${model.n_embd}; write \\${ for a literal ${)")
     return ConfigError(f"invalid config in {origin}: {str(e).splitlines()[0]}")
 
 
@@ -232,8 +235,9 @@ def _parse_overrides(overrides: Sequence[str]) -> list[str]:
 def _overrides_layer(overrides: Sequence[str]) -> DictConfig:
     """The ``key=value`` overrides as one config layer; values are read as YAML, later ones win.
 
-    Values of text fields (paths, globs, prompts) are taken as written, so
-    ``data.glob=*.md`` or ``train.sample_prompt=def f(x):`` need no YAML quoting
+    Values of text fields (paths, globs, prompts) are taken as written, ``${``
+    included (no interpolation), so ``data.glob=*.md`` or
+    ``train.sample_prompt=def f(x):`` need no YAML quoting
     (YAML would read a leading ``*`` as an alias and ``a:`` as a mapping); an
     empty value is the empty string for a ``str`` field (``train.sample_prompt=``)
     and None for an optional one, as ``null`` is. Other values that are not valid
@@ -251,6 +255,8 @@ def _overrides_layer(overrides: Sequence[str]) -> DictConfig:
         if parsed is None:
             if text and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
                 value = value[1:-1]  # quoted for the shell's sake, as YAML would read it
+            if text:
+                value = value.replace("${", "\\${")  # as written: no ${...} interpolation
             parsed = OmegaConf.create()
             OmegaConf.update(parsed, key, value)
         layer = OmegaConf.merge(layer, parsed)
@@ -310,7 +316,7 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
     try:
         cfg: Config = OmegaConf.to_object(base)
     except Exception as e:
-        raise _error_from(e, "config") from None
+        raise _error_from(e, "the config (file and overrides)") from None
     validate(cfg)
     return cfg
 
@@ -400,9 +406,11 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) <= 0:
             bad(key, "must be a positive integer")
     for key in ["train.eval_every", "train.sample_every", "train.sample_tokens", "data.prefetch",
-                "train.sample_temperature", "train.sample_top_k"]:
+                "train.sample_top_k"]:
         if _get(cfg, key) < 0:
             bad(key, "must be >= 0")
+    if not 0.0 <= cfg.train.sample_temperature < math.inf:  # NaN fails too
+        bad("train.sample_temperature", "must be a finite number >= 0 (0: greedy)")
     for key in ["run_dir", "data.source", "data.glob", "data.cache_dir"]:  # "" would mean the current directory
         if not _get(cfg, key).strip():
             bad(key, "must not be empty")
@@ -423,5 +431,5 @@ def validate(cfg: Config) -> None:
         bad("parallel.data", "must be a positive device count or -1 (all remaining devices)")
     if cfg.checkpoint.keep_every is not None and cfg.checkpoint.keep_every <= 0:
         bad("checkpoint.keep_every", "must be a positive integer or null")
-    if cfg.log.peak_flops is not None and cfg.log.peak_flops <= 0:
-        bad("log.peak_flops", "must be > 0 (FLOP/s of one device) or null")
+    if cfg.log.peak_flops is not None and not 0.0 < cfg.log.peak_flops < math.inf:
+        bad("log.peak_flops", "must be a finite number > 0 (FLOP/s of one device) or null")

@@ -185,7 +185,11 @@ def _write_concat(cache: Path, root: Path, rels: list[str], sizes: list[int]) ->
 
 def _load_tokens(source: str, key: str, cfg) -> np.ndarray:
     """1-D non-empty tokens of one source (``key`` names the config field, for error messages)."""
-    tokens = _read_source(source, key, cfg)
+    try:
+        tokens = _read_source(source, key, cfg)
+    except OSError as e:  # e.g. a name too long, a permission denied, an I/O error
+        where = f" ('{e.filename}')" if e.filename and str(e.filename) != source else ""
+        raise DataError(f"{key}='{source}': cannot be read{where}: {e.strerror or e}") from None
     if len(tokens) == 0:
         raise DataError(f"{key}='{source}': corpus is empty; a corpus needs at least one token")
     return tokens
@@ -204,6 +208,10 @@ def _read_source(source: str, key: str, cfg) -> np.ndarray:
             raise DataError(f"{key}='{source}': folder has no files matching data.glob='{cfg.glob}'")
         return _concat_cached(f"dir-{path.name}", path.resolve(), rels, cfg.cache_dir)
     if path.suffix == ".npy":
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise DataError(f"{key}='{source}': not a .npy file (it does not start with numpy's "
+                                "header); expected a 1-D integer array of token ids saved with numpy.save")
         try:
             tokens = np.load(path, mmap_mode="r")
         except (OSError, ValueError, EOFError) as e:  # truncated, not .npy at all, or pickled objects

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from typing import Any, Optional
 
@@ -96,6 +97,25 @@ def pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: ja
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
+def check_sampling(*, temperature: float, top_k: int, seed: int, names: Optional[dict] = None) -> None:
+    """Raise ``ValueError`` naming the setting unless temperature, top-k and seed are usable.
+
+    ``temperature``: a finite number >= 0 (0: greedy); ``top_k``: an integer >= 0
+    (0, or more than the vocabulary: every token); ``seed``: an integer in
+    ``[0, 2**32)``. ``names`` maps these to the caller's names for them (a config
+    key or a command-line flag).
+    """
+    names = names or {}
+    if not (isinstance(temperature, (int, float, np.floating, np.integer)) and math.isfinite(temperature)
+            and temperature >= 0):
+        raise ValueError(f"{names.get('temperature', 'temperature')}={temperature!r}: must be a finite number "
+                         f">= 0 (0: greedy)")
+    if not (isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool) and top_k >= 0):
+        raise ValueError(f"{names.get('top_k', 'top_k')}={top_k!r}: must be an integer >= 0 (0: every token)")
+    if not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**32):
+        raise ValueError(f"{names.get('seed', 'seed')}={seed!r}: must be an integer in [0, 2**32)")
+
+
 def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt: np.ndarray, *,
              tokens: int, block_size: int, temperature: float = 1.0, top_k: int = 0,
              seed: int = 0, num_samples: int = 1, kv_cache: Optional[bool] = None) -> np.ndarray:
@@ -110,11 +130,14 @@ def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt
     inputs only, so under a multi-process mesh every process passes identical
     values and JAX treats them as replicated.
     """
+    check_sampling(temperature=temperature, top_k=top_k, seed=seed)
     prompt = np.asarray(prompt, dtype=np.int32).reshape(-1)
     if prompt.size == 0:
         prompt = _START.astype(np.int32)
     prompt = prompt[-block_size:]
-    seed, temperature, top_k = np.int32(seed), np.float32(temperature), np.int32(top_k)
+    # top_k beyond the vocabulary keeps every token, as 0 does (and would overflow int32)
+    top_k = 0 if top_k > np.iinfo(np.int32).max else top_k
+    seed, temperature, top_k = np.uint32(seed), np.float32(temperature), np.int32(top_k)
     if tokens <= 0:
         return np.zeros((num_samples, 0), np.int32)
     model = nnx.merge(graphdef, params, model_state)
@@ -193,11 +216,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    for flag, value, low in (("--tokens", args.tokens, 0), ("--num-samples", args.num_samples, 1),
-                             ("--temperature", args.temperature, 0), ("--top-k", args.top_k, 0)):
+    for flag, value, low in (("--tokens", args.tokens, 0), ("--num-samples", args.num_samples, 1)):
         if value < low:
             print(f"error: {flag}={value} must be >= {low}", file=sys.stderr)
             return 2
+    try:
+        check_sampling(temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                       names={"temperature": "--temperature", "top_k": "--top-k", "seed": "--seed"})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from jaxtrain import checkpoint
 
     try:

@@ -24,9 +24,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -120,11 +122,20 @@ def run_path(cfg: Config) -> Path:
 def _check_run_dir(run_dir: str) -> None:
     """Raise :class:`ConfigError` when ``run_dir`` cannot become a writable directory (a file is in the way)."""
     path = Path(run_dir).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"run_dir='{run_dir}': '{existing}' is a file, not a directory; pass a directory path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"run_dir='{run_dir}': '{existing}' is not writable; pass a directory you can write to")
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"run_dir='{run_dir}': '{existing}' is a file, not a directory; pass a directory path")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"run_dir='{run_dir}': '{existing}' is not writable; pass a directory you can write to")
+        if existing != path:  # can a directory be made there? (some file systems refuse, e.g. /proc)
+            os.rmdir(tempfile.mkdtemp(prefix=".jaxtrain-probe-", dir=existing))
+            longest = max(len(os.fsencode(part)) for part in path.relative_to(existing).parts)
+            if longest > os.pathconf(existing, "PC_NAME_MAX"):
+                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+    except OSError as e:
+        raise ConfigError(f"run_dir='{run_dir}': cannot create a directory there ({e.strerror or e}); "
+                          "pass a directory path you can write to") from None
 
 
 def _check_devices(cfg: Config) -> None:

@@ -159,11 +159,14 @@ class MetricsLog:
                  tensorboard: bool = True, progress: bool = True):
         self.enabled = enabled
         self._file = self._tb = self._bar = None
+        self._val = None  # (step, val_loss) of the last evaluation: the bar keeps showing it
         if not enabled:
             return
         run_dir = Path(run_dir).expanduser()
         path = run_dir / METRICS_FILE
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step] if start_step else []
+        self._val = next(((r["step"], r["val_loss"]) for r in reversed(kept)
+                          if isinstance(r.get("val_loss"), (int, float))), None)
         # Rewrite through a temporary file so a kill at this moment keeps the old history.
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
@@ -184,9 +187,11 @@ class MetricsLog:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(_tb_tag(k), v, row["step"])
+        if isinstance(row.get("val_loss"), (int, float)):
+            self._val = (row["step"], row["val_loss"])
         if self._bar is not None:
             self._bar.update(row["step"] - self._bar.n)
-            self._bar.set_postfix_str(_postfix(row), refresh=True)
+            self._bar.set_postfix_str(_postfix(row, self._val), refresh=True)
 
     def echo(self, msg: str) -> None:
         """Print a line without breaking the progress bar."""
@@ -232,10 +237,11 @@ def _tb_tag(key: str) -> str:
     return {"loss": "loss/train", "val_loss": "loss/val"}.get(key, f"train/{key}")
 
 
-def _postfix(row: dict) -> str:
+def _postfix(row: dict, val: Optional[tuple[int, float]] = None) -> str:
+    """The bar's text: this row's train loss, rate and MFU, and the last validation loss ``(step, loss)``."""
     parts = [f"loss {row['loss']:.4f}"]
-    if row.get("val_loss") is not None:
-        parts.append(f"val {row['val_loss']:.4f}")
+    if val is not None:
+        parts.append(f"val {val[1]:.4f}" + ("" if val[0] == row["step"] else f" @{val[0]}"))
     parts.append(f"{fmt_rate(row.get('tokens_per_s', 0.0))} tok/s")
     if row.get("mfu") is not None:
         parts.append(f"MFU {fmt_mfu(row['mfu'])}")

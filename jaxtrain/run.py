@@ -21,10 +21,14 @@ readable.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import logging
 import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -138,7 +142,51 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class _DropCheckpointWriterEchoes(logging.Filter):
+    """Drops what Orbax's background writer logs about a failed save (absl errors, asyncio's
+    "exception was never retrieved"): the failure itself reaches the loop, which reports it in
+    one line (:func:`jaxtrain.checkpoint.save`, ``manager.close``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.name == "asyncio":
+            return "exception was never retrieved" not in record.getMessage()
+        return not record.exc_info  # absl (Orbax's logger): an exception with its traceback
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """While the CLI runs: a failed checkpoint write (a full disk, a lost mount) ends in the loop's
+    one ``error:`` line instead of hundreds of lines of tracebacks from Orbax's writer threads."""
+    quiet = _DropCheckpointWriterEchoes()
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    hook = sys.unraisablehook
+
+    def unraisable(u):  # TensorStore callbacks reaching Orbax's event loop after it closed
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            hook(u)
+
+    for lg in loggers:
+        lg.addFilter(quiet)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():  # their unfinished coroutines: "... was never awaited"
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gc.collect()  # failed writer tasks are collected (and would log) now, while the filter is on
+        sys.unraisablehook = hook
+        for lg in loggers:
+            lg.removeFilter(quiet)
+
+
 def _run(argv: Sequence[str]) -> int:
+    with _one_line_errors():
+        return _run_quietly(argv)
+
+
+def _run_quietly(argv: Sequence[str]) -> int:
     from jaxtrain.config import ConfigError
     from jaxtrain.data import DataError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -215,9 +216,13 @@ def _damage(step_dir: Path, how: str) -> None:
             (step_dir / "state" / "_METADATA").unlink()
         case "delete-meta":
             shutil.rmtree(step_dir / "meta")
+        case "meta-without-data-step":  # valid JSON that is not jaxtrain's metadata
+            meta = step_dir / "meta" / "metadata"
+            meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "data_step"}))
 
 
-@pytest.mark.parametrize("how", ["truncate", "delete-data", "delete-state-metadata", "delete-meta"])
+@pytest.mark.parametrize("how", ["truncate", "delete-data", "delete-state-metadata", "delete-meta",
+                                 "meta-without-data-step"])
 def test_damaged_newest_step_falls_back_with_a_warning(cfg, caplog, how):
     older, newer = trained_looking(cfg, seed=1), trained_looking(cfg, seed=2).replace(step=jnp.int32(9))
     saved(cfg, older, newer).close()

@@ -62,6 +62,9 @@ def test_config_is_frozen():
     ("train.batch_size=10", ["train.batch_size=10", "train.grad_accum"]),
     ("log.peak_flops=-1", ["log.peak_flops=-1", "> 0"]),
     ("train.sample_top_k=-3", ["train.sample_top_k=-3", ">= 0"]),
+    ("train.sample_temperature=.inf", ["train.sample_temperature=inf", "finite number >= 0"]),
+    ("train.sample_temperature=nan", ["train.sample_temperature=nan", "finite number >= 0"]),
+    ("log.peak_flops=nan", ["log.peak_flops=nan", "finite number > 0"]),
     ("train.steps", ["'train.steps'", "key=value"]),
     ("run_dir=", ["run_dir=''", "must not be empty"]),
     ("data.source=", ["data.source=''", "must not be empty"]),
@@ -138,3 +141,12 @@ def test_builtin_defaults_are_the_default_config():
 def test_an_empty_text_override_is_the_empty_string_and_an_optional_one_is_none():
     cfg = config.load(None, ["train.sample_prompt=", "data.val_source=", "data.glob=*.md"])
     assert cfg.train.sample_prompt == "" and cfg.data.val_source is None and cfg.data.glob == "*.md"
+
+
+def test_text_overrides_are_taken_as_written_and_a_bad_interpolation_names_its_key(tmp_path):
+    cfg = config.load("configs/tiny.yaml", ['train.sample_prompt=print(f"${x}")', "run_dir=/tmp/a${b}"])
+    assert cfg.train.sample_prompt == 'print(f"${x}")' and cfg.run_dir == "/tmp/a${b}"
+    (tmp_path / "c.yaml").write_text("train:\n  sample_prompt: ${nope}\n  steps: ${train.log_every}\n")
+    assert config.load(tmp_path / "c.yaml", ["train.sample_prompt=ok"]).train.steps == 10  # YAML interpolates
+    with pytest.raises(config.ConfigError, match=r"'train.sample_prompt' in the config .*'nope' not found.*literal"):
+        config.load(tmp_path / "c.yaml")

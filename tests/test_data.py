@@ -160,9 +160,17 @@ def test_errors_name_path_and_key(tmp_path):
     (tmp_path / "trunc.npy").write_bytes((tmp_path / "ok.npy").read_bytes()[:3000])
     _raises("trunc.npy': not a readable .npy file", data.load_corpus, cfg(tmp_path, source=str(tmp_path / "trunc.npy")))
     (tmp_path / "fake.npy").write_text("hello\n")
-    _raises("fake.npy': not a readable .npy file", data.load_corpus, cfg(tmp_path, source=str(tmp_path / "fake.npy")))
+    _raises("fake.npy': not a .npy file \\(it does not start with numpy's header\\)", data.load_corpus,
+            cfg(tmp_path, source=str(tmp_path / "fake.npy")))
     np.save(tmp_path / "obj.npy", np.array([1, "a"], dtype=object), allow_pickle=True)
     _raises("obj.npy': not a readable .npy file", data.load_corpus, cfg(tmp_path, source=str(tmp_path / "obj.npy")))
+
+
+def test_a_source_the_os_cannot_open_is_named_in_one_error(tmp_path):
+    long = tmp_path / ("a" * 300)  # a name longer than the file system allows
+    _raises(f"data.source='{long}': cannot be read: File name too long", data.load_corpus, cfg(tmp_path, source=str(long)))
+    _raises(f"data.val_source='{long}': cannot be read", data.load_corpus,
+            cfg(tmp_path, source="stdlib", val_source=str(long)))
 
 
 def test_cache_dir_that_is_a_file_is_named(tmp_path):

@@ -125,6 +125,32 @@ def test_seeds_and_rows_differ_when_sampling(model_parts):
     np.testing.assert_array_equal(a, again)
 
 
+def test_huge_seed_and_top_k_sample_instead_of_overflowing(model_parts):
+    prompt = data.encode("x")
+    every = generate.generate(*model_parts, prompt, tokens=8, block_size=BLOCK, temperature=1.0, top_k=0,
+                              seed=3_000_000_000)
+    beyond = generate.generate(*model_parts, prompt, tokens=8, block_size=BLOCK, temperature=1.0,
+                               top_k=3_000_000_000, seed=3_000_000_000)
+    np.testing.assert_array_equal(every, beyond)  # top_k beyond the vocabulary keeps every token, as 0 does
+    low = generate.generate(*model_parts, prompt, tokens=8, block_size=BLOCK, temperature=1.0, seed=5)
+    assert generate.generate(*model_parts, prompt, tokens=8, block_size=BLOCK, temperature=1.0,
+                             seed=5 + 2**31).shape == low.shape == (1, 8)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(temperature=float("inf")), "temperature=inf: must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature=nan: must be a finite number >= 0"),
+    (dict(temperature=-0.5), "temperature=-0.5"),
+    (dict(top_k=-1), "top_k=-1: must be an integer >= 0"),
+    (dict(seed=2**32), "seed=4294967296: must be an integer in [0, 2**32)"),
+    (dict(seed=-1), "seed=-1"),
+])
+def test_unusable_sampling_settings_are_refused_by_name(model_parts, kw, needle):
+    with pytest.raises(ValueError) as e:
+        generate.generate(*model_parts, data.encode("x"), tokens=4, block_size=BLOCK, **kw)
+    assert needle in str(e.value)
+
+
 # ---------------------------------------------------------------- CLI
 # The CLI on a trained run is tested in test_run.py, which trains one already.
 
@@ -167,3 +193,15 @@ def test_a_model_without_a_cache_uses_the_sliding_window():
         tok = int(table[tok].argmax())
         want.append(tok)
     np.testing.assert_array_equal(out[0], want)
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--temperature", "inf", "--temperature=inf: must be a finite number >= 0"),
+    ("--temperature", "nan", "--temperature=nan"),
+    ("--seed", "4294967296", "--seed=4294967296: must be an integer in [0, 2**32)"),
+])
+def test_cli_refuses_unusable_sampling_flags_in_one_line(tmp_path, flag, value, needle):
+    r = _cli("--run-dir", str(tmp_path / "nothing"), flag, value)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr

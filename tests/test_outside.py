@@ -1,6 +1,10 @@
 """Uses of the public API and the CLI beyond the main tests: research-code models and user mistakes."""
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +16,8 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from jaxtrain import TrainState, eval_step, make_optimizer, train_step
 from jaxtrain.config import OptimConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class _BatchNormNet(nnx.Module):
@@ -140,6 +146,17 @@ def test_text_overrides_need_no_yaml_quoting():
         config.load("configs/tiny.yaml", ["train.steps=*x"])
 
 
+@pytest.mark.parametrize("name", ["a" * 300, "x/" + "b" * 300])
+def test_a_run_dir_the_os_refuses_is_a_one_line_error(tmp_path, capsys, name):
+    from jaxtrain import run
+
+    before = sorted(tmp_path.iterdir())
+    assert run.main(["--config", "configs/tiny.yaml", f"run_dir={tmp_path / name}"]) == run.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create a directory there (File name too long)" in err, err
+    assert sorted(tmp_path.iterdir()) == before  # the probe left nothing behind
+
+
 @pytest.mark.parametrize("below", ["", "x/y"])
 def test_a_file_in_the_run_dir_path_is_a_one_line_error_and_stays_untouched(tmp_path, capsys, below):
     from jaxtrain import run
@@ -156,8 +173,8 @@ def test_a_file_in_the_run_dir_path_is_a_one_line_error_and_stays_untouched(tmp_
 @pytest.mark.parametrize("argv, expected", [
     (["--tokens", "-5"], "error: --tokens=-5 must be >= 0"),
     (["--num-samples", "0"], "error: --num-samples=0 must be >= 1"),
-    (["--temperature", "-1"], "error: --temperature=-1.0 must be >= 0"),
-    (["--top-k", "-3"], "error: --top-k=-3 must be >= 0"),
+    (["--temperature", "-1"], "error: --temperature=-1.0: must be a finite number >= 0"),
+    (["--top-k", "-3"], "error: --top-k=-3: must be an integer >= 0"),
     (["--bogus"], "error: unrecognized arguments: --bogus"),
     (["--tokens", "abc"], "error: argument --tokens: invalid int value: 'abc'"),
 ])
@@ -478,3 +495,23 @@ def test_grad_accum_with_a_scalar_batch_leaf_names_it():
     with pytest.raises(ValueError, match=r"batch leaf \['scale'\] is a scalar"):
         jax.jit(functools.partial(train_step, loss_fn=_plain_loss, grad_accum=2))(
             TrainState.create(_SowingNet(nnx.Rngs(0)), optax.adam(1e-2)), batch)
+
+
+def test_a_checkpoint_write_that_fails_in_orbaxs_writer_threads_is_one_error_line(tmp_path):
+    """A full disk, seen here as a file-size limit: the loop's one line, not Orbax's thread tracebacks."""
+    import resource
+    import signal as signal_lib
+
+    def limit():
+        signal_lib.signal(signal_lib.SIGXFSZ, signal_lib.SIG_IGN)  # writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))  # run files fit, checkpoint data does not
+
+    r = subprocess.run([sys.executable, "-m", "jaxtrain.run", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}",
+                        "train.steps=4", "train.log_every=2", "log.progress=false", "log.plot=false"],
+                       preexec_fn=limit, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=dict(os.environ, JAXTRAIN_COMPILATION_CACHE="off", XLA_FLAGS=""))
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert r.stderr.startswith(f"error: writing a checkpoint under '{tmp_path / 'checkpoints'}' failed")
+    assert "File too large" in r.stderr
+    assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())  # nothing half-written was committed

@@ -276,3 +276,16 @@ def test_the_validation_loss_does_not_depend_on_grad_accum(tmp_path):
         assert len(r.eval_batches) == 2 * accum and r.eval_batches[0]["inputs"].shape[0] == 32 // accum
         losses.append(loop.evaluate(r, jax.jit(r.make_state)()))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_progress_bar_keeps_showing_the_last_validation_loss_also_after_a_resume(tmp_path, capsys):
+    def bar_after(start, rows):
+        with metrics.MetricsLog(tmp_path, start_step=start, total_steps=40, enabled=True, tensorboard=False) as log:
+            for row in rows:
+                log.write(row)
+                last = log._bar.postfix
+        return last
+
+    assert bar_after(0, [{"step": 10, "loss": 3.0, "val_loss": 2.5}]) == "loss 3.0000 | val 2.5000 | 0 tok/s"
+    assert bar_after(10, [{"step": 20, "loss": 2.0, "tokens_per_s": 1e3}]) == "loss 2.0000 | val 2.5000 @10 | 1k tok/s"
+    assert "val" not in bar_after(0, [{"step": 5, "loss": 4.0}])  # a fresh run: no evaluation yet
