@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import functools
@@ -184,7 +185,55 @@ def setup(cfg: Config) -> Run:
 
     Writes nothing. Raises :class:`~jaxtrain.config.ConfigError` or
     :class:`~jaxtrain.data.DataError` (one line naming the problem) for user mistakes.
+    In a multi-process run every process raises when any one fails (a data path
+    missing on one host, say): the others with a :class:`ConfigError` quoting the
+    failed process's error, instead of waiting for it in a collective.
     """
+    return _together(_setup, cfg)
+
+
+def _together(fn: Callable, *args):
+    """``fn(*args)`` in every process, or an error in every process when it raised in any of them.
+
+    Each process runs ``fn`` on its own, then all exchange one small array (their
+    error, if any) before anything collective follows, so a process that failed
+    never leaves the others waiting for it until JAX's coordination timeout.
+    """
+    error, out = None, None
+    try:
+        out = fn(*args)
+    except Exception as e:  # noqa: BLE001 - re-raised below, in this process and (quoted) in the others
+        error = e
+    if jax.process_count() > 1:
+        failed = _gather_errors(error)
+        if error is None and failed:
+            p, user, text = failed[0]
+            raise (ConfigError if user else RuntimeError)(f"process {p} stopped during setup: {text}")
+    if error is not None:
+        raise error
+    return out
+
+
+_ERROR_BYTES = 512  # of each process's error message that the others quote
+
+
+def _gather_errors(error: Optional[BaseException]) -> list[tuple[int, bool, str]]:
+    """``[(process, is_user_error, message)]`` of every process that failed; collective."""
+    from jax.experimental import multihost_utils
+
+    if len(set(collections.Counter(d.process_index for d in jax.devices()).values())) > 1:
+        return []  # an all-gather needs equal device counts; every process fails parallel.check_batch anyway
+    row = np.zeros(2 + _ERROR_BYTES, np.int32)
+    if error is not None:
+        text = (str(error).splitlines() or [type(error).__name__])[0].encode()[:_ERROR_BYTES]
+        row[0], row[1] = 1, isinstance(error, (ConfigError, data.DataError))
+        row[2:2 + len(text)] = np.frombuffer(text, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, row.size)
+    return [(p, bool(r[1]), bytes(r[2:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace"))
+            for p, r in enumerate(rows) if r[0]]
+
+
+def _setup(cfg: Config) -> Run:
     _check_run_dir(cfg.run_dir)
     checkpoint.check_resume(cfg)  # an incompatible run_dir fails before any compilation
     corpus = data.load_corpus(cfg.data)

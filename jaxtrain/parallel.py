@@ -41,6 +41,7 @@ devices the run hangs after the first step.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -273,9 +274,15 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
     the ``grad_accum`` microbatches then gives every device the same whole number
     of rows, ``per_device = batch_size / (n_devices * grad_accum)``. It must also
     divide by the process count (each process loads ``batch_size / P`` rows),
-    which follows from the first rule since every process owns the same number of
-    devices.
+    which follows from the first rule since every process must own the same
+    number of devices (also checked here).
     """
+    owned = collections.Counter(d.process_index for d in mesh.devices.flat)
+    if len(set(owned.values())) > 1:
+        raise ConfigError("the processes own different numbers of devices ("
+                          + ", ".join(f"process {p}: {c}" for p, c in sorted(owned.items()))
+                          + "); every process must bring the same number (parallel.local_device_count on CPU, "
+                          "the GPUs visible to each process)")
     b, a, n = cfg.train.batch_size, cfg.train.grad_accum, mesh.size
     k = n * a
     if b % k:

@@ -56,7 +56,7 @@ def _env(cache_dir: Path) -> dict:
 class Launch:
     """``n_processes`` CLI processes training ``run_dir`` to ``steps``; :meth:`wait` checks them."""
 
-    def __init__(self, run_dir: Path, n_processes: int, steps: int, cache_dir: Path):
+    def __init__(self, run_dir: Path, n_processes: int, steps: int, cache_dir: Path, extra=None):
         self.logs = [run_dir.parent / f"{run_dir.name}.{steps}.p{i}.log" for i in range(n_processes)]
         common = ["--config", str(CONFIG), f"run_dir={run_dir}", f"train.steps={steps}",
                   f"optim.decay_steps={STEPS}",  # one schedule however far each launch goes
@@ -69,6 +69,8 @@ class Launch:
                             f"parallel.coordinator_address=127.0.0.1:{port}",
                             f"parallel.num_processes={n_processes}", f"parallel.process_id={i}"]
                            for i in range(n_processes)]
+        if extra is not None:  # more key=value arguments, one list per process; the later value wins
+            per_process = [mine + more for mine, more in zip(per_process, extra)]
         self.procs = []
         for log, extra in zip(self.logs, per_process):
             with open(log, "w") as out:
@@ -213,3 +215,30 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint_and_they_resume(tmp
     resumed = Launch(run, 2, step + 10, cache).wait()
     assert f"resuming from step {step}" in resumed.output(0)
     assert max(row["step"] for row in _metrics(run)) == step + 10
+
+
+def test_a_setup_error_in_one_process_ends_every_process_at_once(tmp_path):
+    """A data path missing on one host: each process ends with one error line instead of waiting in a collective."""
+    missing = tmp_path / "missing.txt"
+    for bad in (1, 0):
+        extra = [[f"data.source={missing}"] if i == bad else [] for i in range(2)]
+        launch = Launch(tmp_path / f"run{bad}", 2, SPLIT, tmp_path / "cache", extra=extra)
+        t0 = time.monotonic()
+        codes = launch.wait_codes()
+        assert codes == [2, 2], f"exit codes {codes}\n{launch._tails()}"
+        assert time.monotonic() - t0 < 100, "the processes waited for each other"  # JAX's own timeouts are 2-5 min
+        errors = [[line for line in launch.output(i).splitlines() if line.startswith("error:")] for i in (0, 1)]
+        assert errors[bad] == [f"error: data.source='{missing}': path does not exist; expected 'stdlib', a text file, "
+                               "a folder, a .bin token file or a 1-D integer .npy"], launch._tails()
+        assert errors[1 - bad] == [f"error: process {bad} stopped during setup: {errors[bad][0][len('error: '):]}"]
+        assert "Traceback" not in launch.output(0) + launch.output(1)
+        assert not (tmp_path / f"run{bad}").exists()
+
+
+def test_processes_with_different_device_counts_are_one_error_line_each(tmp_path):
+    launch = Launch(tmp_path / "run", 2, SPLIT, tmp_path / "cache", extra=[[], ["parallel.local_device_count=1"]])
+    codes = launch.wait_codes()
+    assert codes == [2, 2], f"exit codes {codes}\n{launch._tails()}"
+    for i in (0, 1):
+        assert "error: the processes own different numbers of devices (process 0: 2, process 1: 1)" in launch.output(i)
+        assert "Traceback" not in launch.output(i)
