@@ -347,8 +347,29 @@ def summarize(raw: dict, size: Size) -> dict:
                       "peak_rss_mb": info["peak_rss_mb"],
                       "rss_delta_mb": info["peak_rss_mb"] - info["rss_after_import_mb"],
                       "spread": (min(times), max(times))}
+    if "torch" in raw["step_s"]:  # each round's PyTorch eager step over this side's step in that round
+        for side, r in rows.items():
+            r["vs_torch_by_round"] = [t / x for x, t in zip(raw["step_s"][side], raw["step_s"]["torch"])]
     return {"rows": rows, "flops_per_token": flops, "peak": peak,
             "peaks": {k: max(v) for k, v in raw["peaks"].items()}}
+
+
+def paired_lines(rows: dict) -> list[str]:
+    """The per-round (paired) figures: speed against PyTorch eager and MFU, median and range over rounds."""
+    def stat(xs, fmt):
+        return f"{fmt(statistics.median(xs))} ({fmt(min(xs))}-{fmt(max(xs))})"
+
+    pct, times = (lambda v: f"{100 * v:.0f}%"), (lambda v: f"{v:.2f}x")
+    lines = []
+    if any("vs_torch_by_round" in r for r in rows.values()):
+        lines += ["", "Speed against PyTorch eager paired by round (each round's PyTorch step time over the side's "
+                  "step time in the same round; median, and range, over the rounds): " + "; ".join(
+                      f"{side} {stat(r['vs_torch_by_round'], times)}" for side, r in rows.items()
+                      if side != "torch" and "vs_torch_by_round" in r)]
+    lines += ["", "MFU paired by round (each round's step against the best matmul of that same round, which "
+              "the machine's load moves with it; median, and range, over the rounds): " + "; ".join(
+                  f"{side} {stat(r['mfu_by_round'], pct)}" for side, r in rows.items())]
+    return lines
 
 
 def _machine() -> str:
@@ -398,11 +419,7 @@ def markdown(summary: dict, raw: dict, args: argparse.Namespace, extras: dict) -
         lines.append(f"| {side} | {r['tokens_per_s']:,.0f} | {ratio} | {r['gflops']:.0f} | {100 * r['mfu']:.0f}% | "
                      f"{1e3 * r['step_s']:.0f} ({1e3 * r['spread'][0]:.0f}-{1e3 * r['spread'][1]:.0f}) | "
                      f"{r['compile_s']:.1f} | {r['peak_rss_mb']:,.0f} (+{r['rss_delta_mb']:,.0f}) |")
-    lines += ["", "MFU paired by round (each round's step against the best matmul of that same round, which "
-              "the machine's load moves with it; median, and range, over the rounds): " + "; ".join(
-                  f"{side} {100 * statistics.median(r['mfu_by_round']):.0f}% "
-                  f"({100 * min(r['mfu_by_round']):.0f}-{100 * max(r['mfu_by_round']):.0f}%)"
-                  for side, r in rows.items())]
+    lines += paired_lines(rows)
     for name, text in extras.items():
         lines += ["", f"**{name}**", "", text]
     return "\n".join(lines) + "\n"
