@@ -380,12 +380,19 @@ def _one_line(e: Optional[BaseException]) -> str:
     return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
 
 
+# What the operating system said, wherever it sits in a long storage error.
+_OS_CAUSES = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system",
+              "Permission denied", "Input/output error", "Stale file handle")
+
+
 def _brief(e: BaseException, keep: int = 160) -> str:
-    """An exception on one line, its middle elided: storage errors put the cause last."""
+    """An exception on one line, its middle elided (storage errors put the cause last), led by the
+    operating system's reason when the text names one (TensorStore puts it in the middle)."""
     msg = " ".join(str(e).split())
+    cause = next((c for c in _OS_CAUSES if c in msg), None)
     if len(msg) > 2 * keep:
         msg = f"{msg[:keep]} ... {msg[-keep:]}"
-    return f"{type(e).__name__}: {msg}"
+    return f"{cause + ': ' if cause else ''}{type(e).__name__}: {msg}"
 
 
 def _warn_damaged(step: int, mngr: ocp.CheckpointManager, e: BaseException) -> None:

@@ -34,9 +34,12 @@ from flax import nnx
 PyTree = Any
 
 __all__ = ["module_of", "module_norms", "grad_stats", "clipped", "attention_logit_stats",
-           "sown_stats", "with_sown_stats", "interval_stats", "is_diagnostic", "SCOPE"]
+           "sown_stats", "with_sown_stats", "interval_stats", "is_diagnostic", "SCOPE", "MAX_STATS"]
 
 SCOPE = "diagnostics"  # the named scope of every diagnostic op
+# Statistics that are maxima: over microbatches and devices they combine by max, every other
+# metric by mean (see jaxtrain.step.combine_metrics).
+MAX_STATS = frozenset({"attn_logit_max"})
 _DEPTH = 3  # "h.0.attn": block index and sub-module, the level a per-layer plot wants
 
 
@@ -82,12 +85,12 @@ def module_norms(tree: PyTree, depth: int = _DEPTH) -> dict[str, jax.Array]:
 def clipped(grad_norm: jax.Array, max_norm: float) -> jax.Array:
     """1.0 when ``optax.clip_by_global_norm(max_norm)`` rescales a gradient of norm ``grad_norm``, else 0.0.
 
-    optax leaves the gradient alone exactly when ``grad_norm < max_norm``
-    (PyTorch's ``clip_grad_norm_`` scales by ``max_norm / (norm + 1e-6)`` when
+    optax leaves the gradient alone exactly when ``grad_norm < max_norm`` (so a
+    NaN norm counts as clipped) (PyTorch's ``clip_grad_norm_`` scales by ``max_norm / (norm + 1e-6)`` when
     the ratio is below 1, the same decision up to that 1e-6).
     """
     with jax.named_scope(SCOPE):
-        return (grad_norm >= max_norm).astype(jnp.float32)
+        return (~(grad_norm < max_norm)).astype(jnp.float32)  # a NaN norm is rescaled too
 
 
 def grad_stats(grads: PyTree, updates: PyTree, params: PyTree, *, grad_norm: Optional[jax.Array] = None,
@@ -147,12 +150,13 @@ def attention_logit_stats(q_BTNH: jax.Array, k_BTNH: jax.Array, *, scale: Option
                 "attn_saturated": mean((p_max_BNT > saturation).astype(jnp.float32))}
 
 
-def sown_stats(sown: PyTree) -> dict[str, jax.Array]:
+def sown_stats(sown: PyTree, modules: Optional[set[tuple[str, ...]]] = None) -> dict[str, jax.Array]:
     """Flatten sown intermediates into metrics ``<name>/<module path>``.
 
     ``sown`` is what ``nnx.capture(f, nnx.Intermediate)`` returns: for each
     module a tuple of the values sown under ``name`` (one per call); calls are
-    averaged.
+    averaged. ``modules``: keep only what the modules at these paths (tuples of
+    key names, e.g. ``("h", "0", "attn")``) sowed; None keeps everything.
     """
     groups: dict[str, list[jax.Array]] = {}
     for path, value in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(sown))[0]:
@@ -160,6 +164,8 @@ def sown_stats(sown: PyTree) -> dict[str, jax.Array]:
         if isinstance(path[-1], jax.tree_util.SequenceKey):  # the per-call tuple index
             names = names[:-1]
         *module, stat = names
+        if modules is not None and tuple(module) not in modules:
+            continue
         groups.setdefault(f"{stat}/{'.'.join(module)}", []).append(jnp.asarray(value, jnp.float32))
     with jax.named_scope(SCOPE):
         return {name: vs[0] if len(vs) == 1 else jnp.mean(jnp.stack(vs)) for name, vs in groups.items()}
@@ -170,14 +176,19 @@ def with_sown_stats(loss_fn: Callable) -> Callable:
 
     Every sub-module with a ``sow_stats`` attribute gets it set to True on the
     (freshly merged, traced) model, and values it sows as ``nnx.Intermediate``
-    are captured and added to aux by :func:`sown_stats`. Models without such
-    an attribute are called unchanged.
+    are captured and added to aux by :func:`sown_stats`; what other modules sow
+    (activations a model keeps for its own use) is not. Models without such an
+    attribute are called unchanged.
     """
 
     def wrapped(model: nnx.Module, batch, rng):
+        opted = {tuple(str(k) for k in path) for path, m in nnx.iter_graph(model)
+                 if isinstance(m, nnx.Module) and hasattr(m, "sow_stats")}
+        if not opted:
+            return loss_fn(model, batch, rng)
         model.set_attributes(sow_stats=True, raise_if_not_found=False)
         (loss, aux), sown = nnx.capture(loss_fn, nnx.Intermediate)(model, batch, rng)
-        return loss, {**aux, **sown_stats(sown)}
+        return loss, {**aux, **sown_stats(sown, modules=opted)}
 
     return wrapped
 

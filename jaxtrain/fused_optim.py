@@ -85,6 +85,9 @@ def _plan(tx, params: PyTree, grads: PyTree) -> tuple[Optional[str], Optional[Py
     flags = _decay_flags(tx.mask, params)
     if flags is None:
         return "the weight-decay mask is not a pytree of Python bools like the params", None
+    dtypes = sorted({str(x.dtype) for x in leaves} - {"float32"})
+    if dtypes:
+        return f"the fused AdamW kernel takes float32 params and gradients, not {', '.join(dtypes)}", None
     reason = blas.why_not(*leaves, devices=tx.fused is None)
     return reason, None if reason else flags
 

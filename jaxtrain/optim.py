@@ -25,7 +25,12 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     - ``constant``: ``lr`` after a linear warmup.
     - ``cosine``: linear warmup, then cosine decay to ``lr * min_lr_ratio`` at ``total_steps``.
     - ``wsd``: warmup, stable at ``lr``, then linear decay to ``lr * min_lr_ratio`` over the
-      last ``wsd_decay_fraction`` of the steps.
+      last ``wsd_decay_fraction`` of the steps (fewer when the warmup leaves fewer: the decay
+      always ends at ``total_steps``).
+
+    The schedule's length is ``cfg.decay_steps`` when set, else ``total_steps``; a
+    ``warmup_steps`` longer than that is cut to it (the lr reaches ``lr`` at the
+    last step). Past the length the lr stays at its last value.
     """
     total = max(cfg.decay_steps or total_steps, 1)
     warmup = min(cfg.warmup_steps, total)
@@ -40,7 +45,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         case "cosine":
             rest = optax.cosine_decay_schedule(peak, max(total - warmup, 1), alpha=cfg.min_lr_ratio)
         case "wsd":
-            decay = max(int(round(total * cfg.wsd_decay_fraction)), 1)
+            decay = max(min(int(round(total * cfg.wsd_decay_fraction)), total - warmup), 1)
             stable = max(total - warmup - decay, 0)
             rest = optax.join_schedules(
                 [optax.constant_schedule(peak), optax.linear_schedule(peak, end, decay)], [stable])
@@ -103,6 +108,10 @@ def make_optimizer(cfg: OptimConfig, total_steps: Optional[int] = None, *,
     if fused not in (None, True, False):
         raise ValueError(f"make_optimizer: fused={fused!r}; must be None (where the CPU kernels can run), "
                          "True or False")
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps < 1):
+        raise ValueError(f"make_optimizer: total_steps={total_steps!r}; must be a positive integer (the "
+                         "schedule's length) or None with optim.decay_steps set")
     if total_steps is None and cfg.decay_steps is None and cfg.schedule != "constant":
         raise ValueError("make_optimizer: pass total_steps or set optim.decay_steps for a decaying schedule")
     if mask is None:

@@ -189,7 +189,22 @@ def _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name
     (grad_sum, loss_sum, model_state), auxs = jax.lax.scan(
         body, (zeros, loss0, model_state0), (micro, jnp.arange(grad_accum)))
     grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
-    return loss_sum / grad_accum, jax.tree.map(lambda a: a.mean(0), auxs), model_state, grads
+    return loss_sum / grad_accum, combine_metrics(auxs), model_state, grads
+
+
+def combine_metrics(metrics: Mapping, axis_name: Optional[str] = None) -> dict:
+    """One value per metric from several: the microbatches' (a leading axis) or, with ``axis_name``,
+    the devices'. A mean, like the loss, except for extremes: a metric named ``max_...`` (or
+    ``max_.../...``; also the diagnostics' ``attn_logit_max/...``) takes the max, ``min_...`` the
+    min, so the result is what the whole batch would give."""
+    def combine(key, value):
+        stat = str(key).split("/", 1)[0]
+        how = ("max" if stat.startswith("max_") or stat in diag.MAX_STATS else
+               "min" if stat.startswith("min_") else "mean")
+        if axis_name is None:
+            return jax.tree.map(lambda a: getattr(a, how)(0), value)
+        return {"max": jax.lax.pmax, "min": jax.lax.pmin, "mean": jax.lax.pmean}[how](value, axis_name)
+    return {k: combine(k, v) for k, v in metrics.items()}
 
 
 def _sync_model_state(model_state: PyTree, axis_name: str) -> PyTree:
@@ -260,7 +275,11 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
       ``(new_state, metrics)``; metrics are scalars: ``loss``, ``grad_norm``
       (before clipping, as ``clip_grad_norm_`` returns), ``update_norm``,
       ``param_norm``, ``nonfinite``, ``lr`` (when the optimizer injects it) and
-      any ``aux`` entries of the loss.
+      any ``aux`` entries of the loss. Over the ``grad_accum`` microbatches and
+      the devices of ``axis_name`` an ``aux`` entry is averaged, like the loss,
+      unless its name starts with ``max_`` (the max is taken) or ``min_`` (the
+      min): return per-example means or name extremes so, and the metric is
+      what the whole batch gives (a count would come out as the mean count).
     """
     if isinstance(grad_accum, bool) or not isinstance(grad_accum, (int, np.integer)) or grad_accum < 1:
         raise ValueError(f"grad_accum={grad_accum!r}: must be a positive integer (microbatches per step)")
@@ -269,7 +288,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
         loss_fn = diag.with_sown_stats(functools.partial(_call_loss, loss_fn))
     loss, aux, model_state, grads = _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name)
     if axis_name is not None:
-        loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
+        loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        aux = combine_metrics(aux, axis_name)
         model_state = _sync_model_state(model_state, axis_name)
     grad_norm = optax.tree.norm(grads)
     finite = _is_finite(loss, grad_norm)
@@ -312,4 +332,4 @@ def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss,
     model.eval()  # PyTorch's model.eval(): no dropout, BatchNorm uses its running statistics
     loss, aux = _call_loss(loss_fn, model, _cast_floats(batch, compute_dtype), None)
     metrics = dict(aux, loss=loss.astype(jnp.float32))
-    return jax.lax.pmean(metrics, axis_name) if axis_name is not None else metrics
+    return combine_metrics(metrics, axis_name) if axis_name is not None else metrics

@@ -105,6 +105,11 @@ def test_clipped_agrees_with_optax_at_and_around_the_threshold():
         assert bool(diag.clipped(optax.tree.norm(g), 1.0)) == rescaled
 
 
+def test_a_nan_gradient_norm_counts_as_clipped_as_optax_rescales_it():
+    assert float(diag.clipped(jnp.float32(jnp.nan), 1.0)) == 1.0
+    assert float(diag.clipped(jnp.float32(0.5), 1.0)) == 0.0
+
+
 def test_no_clipped_metric_without_a_threshold():
     state = TrainState.create(_Linear(2), make_optimizer(OPT), rng=0)
     _, m = jax.jit(functools.partial(train_step, loss_fn=_linear_loss, diagnostics=True))(state, {"g": jnp.ones(2)})
@@ -166,6 +171,40 @@ def test_gpt_attention_stats_under_remat_and_grad_accum():
     _check_attention_stats(m, cfg.n_layer)
     # nothing sown leaks into the model state carried between steps
     assert jax.tree.structure(new.model_state) == jax.tree.structure(state.model_state)
+
+
+def test_attention_logit_max_is_the_max_over_microbatches_and_aux_means_are_means():
+    """The largest logit of the batch is the largest of its microbatches' (not their mean); other
+    metrics, like the loss, are means, so the full batch and two microbatches report the same."""
+    state, batch = _gpt_state(), _batch()
+    _, whole = _diag_step()(state, batch)
+    _, parts = _diag_step(grad_accum=2)(state, batch)
+    halves = [_diag_step()(state, {k: v[i::2] for k, v in batch.items()})[1] for i in (0, 1)]
+    for key in (k for k in whole if k.startswith("attn_logit_max/")):
+        assert float(parts[key]) == pytest.approx(max(float(h[key]) for h in halves), rel=1e-5)
+        assert float(parts[key]) == pytest.approx(float(whole[key]), rel=1e-5)
+    for key in (k for k in whole if k.startswith("attn_prob_max/")):  # a mean over rows
+        assert float(parts[key]) == pytest.approx(np.mean([float(h[key]) for h in halves]), rel=1e-5)
+
+
+class _SowsItsOwnActivations(nnx.Module):
+    """Keeps its hidden activations as nnx.Intermediate for its own use; no ``sow_stats``."""
+
+    def __init__(self):
+        self.lin = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        h = self.lin(x)
+        self.sow(nnx.Intermediate, "features", h)
+        return h
+
+
+def test_diagnostics_capture_only_what_sow_stats_modules_sow():
+    state = TrainState.create(_SowsItsOwnActivations(), make_optimizer(OPT), rng=0)
+    loss = lambda model, batch, rng: jnp.mean(model(batch["x"]) ** 2)  # noqa: E731
+    _, m = _diag_step(loss_fn=loss)(state, {"x": jnp.ones((8, 3))})
+    assert not any(k.startswith("features") for k in m), sorted(m)
+    assert "grad_norm/lin" in m and all(jnp.ndim(v) == 0 for v in m.values())
 
 
 def test_sown_stats_average_repeated_calls():

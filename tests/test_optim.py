@@ -160,9 +160,21 @@ def test_wsd_schedule_shape():
     np.testing.assert_allclose(v[16:], [1.0, 0.75, 0.5, 0.25, 0.0], atol=1e-6)
 
 
+@pytest.mark.parametrize("warmup, fraction", [(2, 1.0), (8, 0.5), (0, 1.0)])
+def test_wsd_decay_always_ends_at_the_schedules_length(warmup, fraction):
+    """A decay fraction larger than what the warmup leaves is shortened, never run past the end."""
+    v = _values(OptimConfig(lr=1.0, schedule="wsd", warmup_steps=warmup, min_lr_ratio=0.0,
+                            wsd_decay_fraction=fraction), 10)
+    assert v[warmup] == pytest.approx(1.0) and np.all(np.diff(v[warmup:]) < 0)
+    assert v[10] == pytest.approx(0.0, abs=1e-6)  # the minimum at step total_steps, as cosine reaches it
+
+
 def test_decaying_schedule_needs_a_length():
     with pytest.raises(ValueError, match="total_steps"):
         make_optimizer(OptimConfig(schedule="cosine"))
+    for bad in (0, -5, True, 2.5):
+        with pytest.raises(ValueError, match=f"total_steps={bad!r}; must be a positive integer"):
+            make_optimizer(OptimConfig(schedule="cosine"), bad)
 
 
 @pytest.mark.parametrize("change, needle", [

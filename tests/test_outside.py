@@ -351,6 +351,16 @@ def test_a_loss_fn_with_the_wrong_arguments_is_told_the_signature():
 def test_trainstate_rng_must_be_a_seed_or_a_key():
     with pytest.raises(TypeError, match="rng must be an int seed or a jax.random.key, got None"):
         TrainState.create(_Regressor(nnx.Rngs(0)), optax.adam(1e-3), rng=None)
+    with pytest.raises(TypeError, match=r"got an array of float32\[3\].*jax.random.wrap_key_data"):
+        TrainState.create(_Regressor(nnx.Rngs(0)), optax.adam(1e-3), rng=jnp.ones(3))
+    # a JAX integer scalar is a seed, as a Python or NumPy int is
+    from_jax = TrainState.create(_Regressor(nnx.Rngs(0)), optax.adam(1e-3), rng=jnp.int32(3))
+    from_int = TrainState.create(_Regressor(nnx.Rngs(0)), optax.adam(1e-3), rng=3)
+    np.testing.assert_array_equal(jax.random.key_data(from_jax.rng), jax.random.key_data(from_int.rng))
+    state, batch = _regression()
+    state = TrainState.create(_Regressor(nnx.Rngs(0)), state.tx, rng=jnp.uint32(7))
+    new, _ = jax.jit(functools.partial(train_step, loss_fn=_mse_only))(state, batch)  # the key works in a step
+    assert int(new.step) == 1
 
 
 def test_a_custom_model_trainstate_round_trips_through_plain_orbax(tmp_path):
@@ -515,3 +525,24 @@ def test_a_checkpoint_write_that_fails_in_orbaxs_writer_threads_is_one_error_lin
     assert r.stderr.startswith(f"error: writing a checkpoint under '{tmp_path / 'checkpoints'}' failed")
     assert "File too large" in r.stderr
     assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())  # nothing half-written was committed
+
+
+def test_aux_metrics_combine_over_microbatches_and_devices_as_the_whole_batch_would():
+    """Means stay means; ``max_``/``min_`` metrics take the max/min: the same with grad_accum and shard_map."""
+    state, (x, y) = _regression()
+
+    def loss_fn(model, batch, rng):
+        err = model(batch[0]) - batch[1]
+        return jnp.mean(err ** 2), {"mean_abs": jnp.mean(jnp.abs(err)), "max_err": jnp.max(jnp.abs(err)),
+                                    "min_err": jnp.min(jnp.abs(err))}
+
+    step = functools.partial(train_step, loss_fn=loss_fn)
+    _, whole = jax.jit(step)(state, (x, y))
+    _, accum = jax.jit(functools.partial(step, grad_accum=4))(state, (x, y))
+    mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
+    sharded = jax.jit(jax.shard_map(functools.partial(step, axis_name="d"), mesh=mesh,
+                                    in_specs=(P(), P("d")), out_specs=(P(), P())))
+    _, devices = sharded(state, (x, y))
+    for key in ("loss", "mean_abs", "max_err", "min_err"):
+        for got in (accum, devices):
+            assert float(got[key]) == pytest.approx(float(whole[key]), rel=1e-5), key
