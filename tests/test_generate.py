@@ -177,6 +177,17 @@ def test_kv_cache_and_sliding_window_draw_the_same_samples(model_parts, prompt_l
     assert not np.array_equal(cached[0], cached[1])  # three different samples, not one repeated
 
 
+@pytest.mark.parametrize("block", [1, 2])
+def test_kv_cache_decodes_the_smallest_contexts(block):
+    """block_size 1: a one-row position table (Flax's Embed would broadcast it, not look it up)."""
+    graphdef, params, rest = nnx.split(GPT(GPTConfig(block_size=block, n_layer=1, n_head=2, n_embd=16),
+                                           rngs=nnx.Rngs(1)), nnx.Param, ...)
+    parts = graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    kw = dict(tokens=4, block_size=block, temperature=0.0)
+    cached = generate.generate(*parts, data.encode("ab"), kv_cache=True, **kw)
+    np.testing.assert_array_equal(cached, generate.generate(*parts, data.encode("ab"), kv_cache=False, **kw))
+
+
 def test_a_model_without_a_cache_uses_the_sliding_window():
     class Bigram(nnx.Module):  # any tokens -> logits model
         def __init__(self, rngs):

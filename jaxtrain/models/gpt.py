@@ -295,7 +295,7 @@ class GPT(nnx.Module):
         tokens filled ``cache`` (from :meth:`init_cache`), one call per position;
         ``pos < block_size``. Deterministic (no dropout).
         """
-        x_BC = (self.wte(token_B) + self.wpe(pos)).astype(_dtype(self.config))
+        x_BC = (self.wte(token_B) + self.wpe.embedding[pos]).astype(_dtype(self.config))  # as __call__ reads it
         new_cache = []
         for block, layer_cache in zip(self.h, cache):
             x_BC, layer_cache = block.decode(x_BC, pos, layer_cache)

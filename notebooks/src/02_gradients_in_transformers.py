@@ -174,11 +174,12 @@ assert (init["pre"] > 10 * init["none"]).all()            # LayerNorm's backward
 
 # %% [markdown]
 # - **No LN**: every layer gets the same, small gradient. With GPT-2's initialisation the residual
-#   stream starts at a scale of about 0.02, so every branch sees tiny inputs.
+#   stream starts as the sum of a token and a position embedding, each of scale 0.02, so at a scale of
+#   about `sqrt(2) * 0.02 = 0.028`: every branch sees tiny inputs.
 # - **Pre-LN**: the gradients are also even across depth (largest/smallest layer below 2x), but more than
 #   ten times larger. LayerNorm divides its input by the input's standard deviation, and its backward
-#   multiplies the incoming gradient by the same `1/std`: with a residual stream of scale ~0.02, that is
-#   a factor of ~50 on the way into each branch.
+#   multiplies the incoming gradient by the same `1/std`: with a residual stream of scale ~0.028, that is
+#   a factor of ~35 on the way into each branch (the ratios printed above).
 # - **Post-LN**: the first layer's gradient is more than five times any other layer's. Only the first
 #   block sees the raw, tiny embeddings; every later block reads the normalised output of the one before.
 
