@@ -184,8 +184,6 @@ def with_sown_stats(loss_fn: Callable) -> Callable:
     def wrapped(model: nnx.Module, batch, rng):
         opted = {tuple(str(k) for k in path) for path, m in nnx.iter_graph(model)
                  if isinstance(m, nnx.Module) and hasattr(m, "sow_stats")}
-        if not opted:
-            return loss_fn(model, batch, rng)
         model.set_attributes(sow_stats=True, raise_if_not_found=False)
         (loss, aux), sown = nnx.capture(loss_fn, nnx.Intermediate)(model, batch, rng)
         return loss, {**aux, **sown_stats(sown, modules=opted)}

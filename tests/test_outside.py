@@ -509,16 +509,12 @@ def test_grad_accum_with_a_scalar_batch_leaf_names_it():
 
 def test_a_checkpoint_write_that_fails_in_orbaxs_writer_threads_is_one_error_line(tmp_path):
     """A full disk, seen here as a file-size limit: the loop's one line, not Orbax's thread tracebacks."""
-    import resource
-    import signal as signal_lib
-
-    def limit():
-        signal_lib.signal(signal_lib.SIGXFSZ, signal_lib.SIG_IGN)  # writes past the limit fail with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))  # run files fit, checkpoint data does not
-
-    r = subprocess.run([sys.executable, "-m", "jaxtrain.run", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}",
-                        "train.steps=4", "train.log_every=2", "log.progress=false", "log.plot=false"],
-                       preexec_fn=limit, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    # bash sets the limit (32 KiB: run files fit, checkpoint data does not) and ignores SIGXFSZ, so
+    # writes past it fail with EFBIG; both survive the exec (no preexec_fn in a threaded process)
+    command = ["bash", "-c", "ulimit -f 32 && trap '' XFSZ && exec \"$@\"", "bash", sys.executable, "-m",
+               "jaxtrain.run", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.steps=4",
+               "train.log_every=2", "log.progress=false", "log.plot=false"]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env=dict(os.environ, JAXTRAIN_COMPILATION_CACHE="off", XLA_FLAGS=""))
     assert r.returncode == 1, r.stderr[-3000:]
     assert r.stderr.count("\n") == 1, r.stderr[-3000:]
