@@ -214,7 +214,7 @@ def _read_source(source: str, key: str, cfg) -> np.ndarray:
                                 "header); expected a 1-D integer array of token ids saved with numpy.save")
         try:
             tokens = np.load(path, mmap_mode="r")
-        except (OSError, ValueError, EOFError) as e:  # truncated, not .npy at all, or pickled objects
+        except (OSError, ValueError, EOFError) as e:  # a truncated file or pickled objects
             raise DataError(f"{key}='{source}': not a readable .npy file ({' '.join(str(e).split())[:200]}); "
                             "expected a 1-D integer array of token ids saved with numpy.save") from None
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):

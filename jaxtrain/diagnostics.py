@@ -85,9 +85,10 @@ def module_norms(tree: PyTree, depth: int = _DEPTH) -> dict[str, jax.Array]:
 def clipped(grad_norm: jax.Array, max_norm: float) -> jax.Array:
     """1.0 when ``optax.clip_by_global_norm(max_norm)`` rescales a gradient of norm ``grad_norm``, else 0.0.
 
-    optax leaves the gradient alone exactly when ``grad_norm < max_norm`` (so a
-    NaN norm counts as clipped) (PyTorch's ``clip_grad_norm_`` scales by ``max_norm / (norm + 1e-6)`` when
-    the ratio is below 1, the same decision up to that 1e-6).
+    optax leaves the gradient alone exactly when ``grad_norm < max_norm``, so a
+    NaN norm counts as clipped. PyTorch's ``clip_grad_norm_`` scales by
+    ``max_norm / (norm + 1e-6)`` when that ratio is below 1: the same decision up
+    to the 1e-6.
     """
     with jax.named_scope(SCOPE):
         return (~(grad_norm < max_norm)).astype(jnp.float32)  # a NaN norm is rescaled too

@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import errno
 import functools
@@ -84,6 +83,7 @@ class Run:
     flops_per_token: float
     peak_flops: Optional[float]  # of all devices together
     is_main: bool  # process 0: the one that writes files
+    byte_level: bool  # text corpus (prompts and samples are text), not token ids (data.is_byte_level)
 
     def batch(self, step: int) -> dict:
         """This process's rows of the training batch for ``step`` (host numpy)."""
@@ -221,7 +221,7 @@ def _gather_errors(error: Optional[BaseException]) -> list[tuple[int, bool, str]
     """``[(process, is_user_error, message)]`` of every process that failed; collective."""
     from jax.experimental import multihost_utils
 
-    if len(set(collections.Counter(d.process_index for d in jax.devices()).values())) > 1:
+    if len(set(parallel.devices_per_process(jax.devices()).values())) > 1:
         return []  # an all-gather needs equal device counts; every process fails parallel.check_batch anyway
     row = np.zeros(2 + _ERROR_BYTES, np.int32)
     if error is not None:
@@ -238,8 +238,9 @@ def _setup(cfg: Config) -> Run:
     checkpoint.check_resume(cfg)  # an incompatible run_dir fails before any compilation
     corpus = data.load_corpus(cfg.data)
     data.check_corpus(corpus, cfg.model.block_size, cfg.model.vocab_size)
-    data.prompt_tokens(cfg.train.sample_prompt, byte_level=data.is_byte_level(cfg.data.source),
-                       vocab_size=cfg.model.vocab_size, key="train.sample_prompt")
+    byte_level = data.is_byte_level(cfg.data.source)
+    data.prompt_tokens(cfg.train.sample_prompt, byte_level=byte_level, vocab_size=cfg.model.vocab_size,
+                       key="train.sample_prompt")
     _check_devices(cfg)
     mesh = parallel.make_mesh(cfg.parallel)
     parallel.check_batch(cfg, mesh)
@@ -258,7 +259,7 @@ def _setup(cfg: Config) -> Run:
         flops_per_token=metrics.flops_per_token(n_params, mc.block_size * mc.n_embd, n_layer=mc.n_layer,
                                                 n_embd=mc.n_embd, block_size=mc.block_size),
         peak_flops=metrics.peak_flops(jax.devices(), cfg.log.peak_flops),
-        is_main=parallel.is_main_process())
+        is_main=parallel.is_main_process(), byte_level=byte_level)
 
 
 def _initial_state(run: Run, mngr) -> tuple[TrainState, int, Optional[str]]:
@@ -300,11 +301,11 @@ def train(cfg: Config) -> Summary:
 def _compile_sampling(run: Run, state: TrainState) -> None:
     """Compile the decoders the samples will use now, so no compilation happens inside the loop."""
     tc = run.cfg.train
-    byte_level = data.is_byte_level(run.cfg.data.source)
-    generate.sample_text(state, tc.sample_prompt, tokens=1, byte_level=byte_level)  # the KV-cache decoder or the window
-    prompt = data.prompt_tokens(tc.sample_prompt, byte_level=byte_level, vocab_size=run.cfg.model.vocab_size)
-    if len(prompt) + tc.sample_tokens > run.cfg.model.block_size:  # past block_size: the window
-        generate.sample_text(state, tc.sample_prompt, tokens=1, kv_cache=False, byte_level=byte_level)
+    generate.sample_text(state, tc.sample_prompt, tokens=1, byte_level=run.byte_level)  # the KV-cache decoder or the window
+    prompt_len = len(data.prompt_tokens(tc.sample_prompt, byte_level=run.byte_level,
+                                        vocab_size=run.cfg.model.vocab_size))
+    if prompt_len + tc.sample_tokens > run.cfg.model.block_size:  # past block_size: the window
+        generate.sample_text(state, tc.sample_prompt, tokens=1, kv_cache=False, byte_level=run.byte_level)
 
 
 def _due(done: int, every: int, total: int) -> bool:
@@ -466,7 +467,7 @@ def _sample(run: Run, state: TrainState, step: int, record: bool = True) -> str:
     tc = run.cfg.train
     text = generate.sample_text(state, tc.sample_prompt, tokens=tc.sample_tokens,
                                 temperature=tc.sample_temperature, top_k=tc.sample_top_k, seed=step,
-                                byte_level=data.is_byte_level(run.cfg.data.source))[0]
+                                byte_level=run.byte_level)[0]
     if run.is_main and record:
         with open(run_path(run.cfg) / SAMPLES_FILE, "a") as f:
             f.write(f"===== step {step} =====\n{text}\n\n")

@@ -55,13 +55,11 @@ class TrainState:
         if isinstance(rng, (bool, np.bool_)) or not (
                 isinstance(rng, (int, np.integer)) or isinstance(rng, jax.Array)):
             raise TypeError(f"TrainState.create: rng must be an int seed or a jax.random.key, got {rng!r}")
-        if isinstance(rng, jax.Array) and not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-            if rng.ndim or not jnp.issubdtype(rng.dtype, jnp.integer):  # e.g. raw uint32 key data
-                raise TypeError(f"TrainState.create: rng must be an int seed or a typed jax.random.key, got an "
-                                f"array of {rng.dtype}{list(rng.shape)} (wrap raw key data with "
-                                "jax.random.wrap_key_data)")
-            rng = jax.random.key(rng)  # an integer scalar array: a seed, as a Python int is
-        if isinstance(rng, (int, np.integer)):  # numpy ints too, e.g. a seed taken from an array
+        is_key = isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+        if isinstance(rng, jax.Array) and not is_key and (rng.ndim or not jnp.issubdtype(rng.dtype, jnp.integer)):
+            raise TypeError(f"TrainState.create: rng must be an int seed or a typed jax.random.key, got an array "
+                            f"of {rng.dtype}{list(rng.shape)} (wrap raw key data with jax.random.wrap_key_data)")
+        if not is_key:  # a seed: a Python, NumPy or JAX integer scalar
             rng = jax.random.key(rng)
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
                    model_state=rest, graphdef=graphdef, tx=tx)
