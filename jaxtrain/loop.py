@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import functools
@@ -221,7 +222,7 @@ def _gather_errors(error: Optional[BaseException]) -> list[tuple[int, bool, str]
     """``[(process, is_user_error, message)]`` of every process that failed; collective."""
     from jax.experimental import multihost_utils
 
-    if len(set(parallel.devices_per_process(jax.devices()).values())) > 1:
+    if len(set(collections.Counter(d.process_index for d in jax.devices()).values())) > 1:
         return []  # an all-gather needs equal device counts; every process fails parallel.check_batch anyway
     row = np.zeros(2 + _ERROR_BYTES, np.int32)
     if error is not None:

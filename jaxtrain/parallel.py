@@ -277,7 +277,7 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
     which follows from the first rule since every process must own the same
     number of devices (also checked here).
     """
-    owned = devices_per_process(mesh.devices.flat)
+    owned = collections.Counter(d.process_index for d in mesh.devices.flat)
     if len(set(owned.values())) > 1:
         raise ConfigError("the processes own different numbers of devices ("
                           + ", ".join(f"process {p}: {c}" for p, c in sorted(owned.items()))
@@ -292,11 +292,6 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
             f"(mesh data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]}); e.g. train.batch_size={near}")
     if b % jax.process_count():
         raise ConfigError(f"train.batch_size={b} must be divisible by the {jax.process_count()} processes")
-
-
-def devices_per_process(devices) -> dict[int, int]:
-    """``{process index: how many of ``devices`` it owns}``."""
-    return dict(collections.Counter(d.process_index for d in devices))
 
 
 def local_batch_size(global_batch: int) -> int:
