@@ -1,7 +1,7 @@
-"""``python -m jaxtrain`` is ``python -m jaxtrain.run``."""
+"""``python -m jaxtrain`` is the ``jaxtrain`` command (``run`` / ``generate``)."""
 
 import sys
 
-from jaxtrain.run import main
+from jaxtrain.app.cli import main
 
 sys.exit(main())

@@ -15,7 +15,7 @@ Typical use (what the run loop does)::
 
     initialize(cfg.parallel)                 # before anything touches devices
     mesh = make_mesh(cfg.parallel)
-    check_batch(cfg, mesh)
+    check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     state, state_sh = init_state(lambda: make_state(cfg), mesh)
     step = jit_train_step(functools.partial(train_step, grad_accum=cfg.train.grad_accum), mesh, state_sh)
     batch = place_batch(get_batch(..., process_index=jax.process_index(),
@@ -52,9 +52,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxtrain.config import Config, ConfigError, ParallelConfig
+from jaxtrain.errors import ConfigError
 
 PyTree = Any
+# The parallel settings: any object with the fields of the command line's ``parallel`` section
+# (``data``, ``fsdp``, ``coordinator_address``, ``num_processes``, ``process_id``,
+# ``local_device_count``), e.g. ``jaxtrain.app.config.ParallelConfig``.
+ParallelConfig = Any
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)  # the leading batch axis is split over both mesh axes
@@ -266,7 +270,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 # ---------------------------------------------------------------- batches
 
 
-def check_batch(cfg: Config, mesh: Mesh) -> None:
+def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
     """Raise :class:`ConfigError` unless the global batch splits evenly.
 
     ``train.batch_size`` (global: all devices, all hosts) must be divisible by
@@ -283,7 +287,7 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
                           + ", ".join(f"process {p}: {c}" for p, c in sorted(owned.items()))
                           + "); every process must bring the same number (parallel.local_device_count on CPU, "
                           "the GPUs visible to each process)")
-    b, a, n = cfg.train.batch_size, cfg.train.grad_accum, mesh.size
+    b, a, n = batch_size, grad_accum, mesh.size
     k = n * a
     if b % k:
         near = " or ".join(str(x) for x in ((b // k) * k, (b // k + 1) * k) if x > 0)
@@ -346,3 +350,50 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, state_sharding: PyTree, *, don
 def jit_eval_step(eval_fn: Callable, mesh: Mesh, state_sharding: PyTree) -> Callable:
     """``jax.jit(eval_fn)`` for ``eval_fn(state, batch) -> metrics``; metrics replicated."""
     return jax.jit(eval_fn, in_shardings=(state_sharding, batch_sharding(mesh)), out_shardings=replicated(mesh))
+
+
+# ---------------------------------------------------------------- agreement between processes
+
+
+def together(fn: Callable, *args, user_errors: tuple = (ConfigError,)):
+    """``fn(*args)`` in every process, or an error in every process when it raised in any of them.
+
+    Each process runs ``fn`` on its own, then all exchange one small array (their
+    error, if any) before anything collective follows, so a process that failed
+    never leaves the others waiting for it until JAX's coordination timeout. The
+    others raise a :class:`ConfigError` quoting the failed process's first line when
+    its error was one of ``user_errors``, else a ``RuntimeError``.
+    """
+    error, out = None, None
+    try:
+        out = fn(*args)
+    except Exception as e:  # noqa: BLE001 - re-raised below, in this process and (quoted) in the others
+        error = e
+    if jax.process_count() > 1:
+        failed = _gather_errors(error, user_errors)
+        if error is None and failed:
+            p, user, text = failed[0]
+            raise (ConfigError if user else RuntimeError)(f"process {p} stopped during setup: {text}")
+    if error is not None:
+        raise error
+    return out
+
+
+_ERROR_BYTES = 512  # of each process's error message that the others quote
+
+
+def _gather_errors(error: Optional[BaseException], user_errors: tuple) -> list[tuple[int, bool, str]]:
+    """``[(process, is_user_error, message)]`` of every process that failed; collective."""
+    from jax.experimental import multihost_utils
+
+    if len(set(collections.Counter(d.process_index for d in jax.devices()).values())) > 1:
+        return []  # an all-gather needs equal device counts; every process fails check_batch anyway
+    row = np.zeros(2 + _ERROR_BYTES, np.int32)
+    if error is not None:
+        text = (str(error).splitlines() or [type(error).__name__])[0].encode()[:_ERROR_BYTES]
+        row[0], row[1] = 1, isinstance(error, user_errors)
+        row[2:2 + len(text)] = np.frombuffer(text, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, row.size)
+    return [(p, bool(r[1]), bytes(r[2:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace"))
+            for p, r in enumerate(rows) if r[0]]
+

@@ -32,72 +32,12 @@ import optax
 from flax import nnx
 
 from jaxtrain import diagnostics as diag
-from jaxtrain import fused_optim
-from jaxtrain.optim import current_lr
+from jaxtrain.losses import LossFn, check_tokens, lm_loss  # noqa: F401 - lm_loss and check_tokens re-exported
+from jaxtrain.optim import apply_update, current_lr
 from jaxtrain.state import MODEL_STATE, TrainState
 
 PyTree = Any
 Batch = Any  # a pytree of arrays with a leading batch axis; the GPT uses {"inputs", "targets"}
-LossFn = Callable[[nnx.Module, Batch, Optional[jax.Array]], tuple[jax.Array, dict]]
-
-
-def lm_loss(model: nnx.Module, batch: Batch, rng: Optional[jax.Array]) -> tuple[jax.Array, dict]:
-    """Mean next-token cross-entropy (nats) of a language model.
-
-    Args:
-      model: maps ``inputs`` int ``[B, T]`` to logits ``[B, T, V]``; called with
-        ``rngs`` and ``deterministic`` keywords (dropout on when ``rng`` is given),
-        each only if its ``__call__`` takes it (or takes ``**kwargs``).
-      batch: ``{"inputs": int[B, T], "targets": int[B, T]}``.
-      rng: a typed key for dropout, or None for evaluation.
-    Returns:
-      ``(loss, {})``.
-    """
-    inputs, targets = _lm_arrays(batch)
-    rngs = nnx.Rngs(dropout=rng) if rng is not None else None
-    logits_BTV = model(inputs, **_accepted(model, rngs=rngs, deterministic=rng is None))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets)
-    return loss.mean(), {}
-
-
-def _accepted(model: Any, **kwargs) -> dict:
-    """The subset of ``kwargs`` that ``model.__call__`` takes (all of them if it takes ``**kwargs``)."""
-    try:
-        params = inspect.signature(model).parameters
-    except (TypeError, ValueError):  # no introspectable signature: pass everything
-        return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
-def _lm_arrays(batch: Batch) -> tuple[jax.Array, jax.Array]:
-    if not isinstance(batch, dict) or not {"inputs", "targets"} <= set(batch):
-        raise ValueError("lm_loss expects a batch {'inputs': int[B, T], 'targets': int[B, T]}, "
-                         f"got {type(batch).__name__} with keys {sorted(batch) if isinstance(batch, dict) else '-'}")
-    inputs, targets = batch["inputs"], batch["targets"]
-    if inputs.ndim != 2 or inputs.shape != targets.shape:
-        raise ValueError(f"batch 'inputs' {tuple(inputs.shape)} and 'targets' {tuple(targets.shape)} "
-                         "must both be [batch, time]")
-    if not (jnp.issubdtype(inputs.dtype, jnp.integer) and jnp.issubdtype(targets.dtype, jnp.integer)):
-        raise ValueError(f"batch token ids must be integers, got inputs {inputs.dtype}, targets {targets.dtype}")
-    return inputs, targets
-
-
-def check_tokens(batch: Batch, vocab_size: int, block_size: Optional[int] = None) -> None:
-    """Host-side check of an LM batch: ids in ``[0, vocab_size)`` and ``T <= block_size``.
-
-    Inside ``jax.jit`` values cannot raise, and an out-of-range id would
-    silently read a clamped embedding row; call this on a host batch (the run
-    loop checks the whole corpus once).
-    """
-    inputs, targets = _lm_arrays(jax.tree.map(np.asarray, batch))
-    lo, hi = min(inputs.min(), targets.min()), max(inputs.max(), targets.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"token id {hi if hi >= vocab_size else lo} is outside the model's vocabulary "
-                         f"[0, {vocab_size}) (model.vocab_size={vocab_size})")
-    if block_size is not None and inputs.shape[1] > block_size:
-        raise ValueError(f"batch time length {inputs.shape[1]} exceeds model.block_size={block_size}")
 
 
 def _cast_floats(tree: PyTree, dtype) -> PyTree:
@@ -147,8 +87,14 @@ def _call_loss(loss_fn: LossFn, model: nnx.Module, batch: Batch, rng: Optional[j
     return loss, aux
 
 
-def _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name):
-    """Mean loss and gradient over ``grad_accum`` equal microbatches, by ``lax.scan``."""
+def accumulate_grads(state: TrainState, batch: Batch, rng: jax.Array, loss_fn: LossFn, grad_accum: int = 1,
+                     compute_dtype=None, axis_name: Optional[str] = None):
+    """``(loss, aux, model_state, grads)``: the mean loss and gradient over ``grad_accum`` equal
+    microbatches (a ``lax.scan``), exactly as :func:`train_step` computes them before the update.
+
+    ``rng`` is the step's key (``train_step`` uses ``fold_in(state.rng, state.step)``).
+    Under ``axis_name`` the values are this device's, not yet averaged.
+    """
     if grad_accum == 1:
         (loss, (aux, model_state)), grads = _loss_and_grads(state, batch, rng, loss_fn, compute_dtype, axis_name)
         return loss, aux, model_state, grads
@@ -266,9 +212,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
       diagnostics: also report per-module gradient norms, update-to-parameter
         ratios and what the model sows (the GPT: attention-logit statistics);
         see :mod:`jaxtrain.diagnostics`. False traces none of it. (With
-        diagnostics the update always takes optax's path, never the fused
-        kernel of :mod:`jaxtrain.fused_optim`, which ``make_optimizer``'s chain
-        otherwise uses where the CPU kernels can run.)
+        diagnostics the update always takes optax's path, never a backend's
+        fused update: the statistics need the update tree itself.)
       max_grad_norm: the clipping threshold inside ``state.tx``; with
         diagnostics, ``clipped`` (1.0 when the gradient was rescaled) is reported.
     Returns:
@@ -286,7 +231,7 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
     rng = jax.random.fold_in(state.rng, state.step)
     if diagnostics:  # the wrapper adds to aux: give it (loss, aux) also from a loss_fn returning the loss alone
         loss_fn = diag.with_sown_stats(functools.partial(_call_loss, loss_fn))
-    loss, aux, model_state, grads = _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name)
+    loss, aux, model_state, grads = accumulate_grads(state, batch, rng, loss_fn, grad_accum, compute_dtype, axis_name)
     if axis_name is not None:
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
         aux = combine_metrics(aux, axis_name)
@@ -294,15 +239,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
     grad_norm = optax.tree.norm(grads)
     finite = _is_finite(loss, grad_norm)
     apply = finite if skip_nonfinite else True
-    # make_optimizer's clip + AdamW as one CPU kernel pass per parameter where it can run; the
-    # diagnostics need the update tree itself, so they take the optax path.
-    fused = None if diagnostics else fused_optim.fused_update(
-        state.tx, grads, state.opt_state, state.params, grad_norm, apply)
-    if fused is not None:
-        params, opt_state, update_norm, param_norm = fused
-    else:
-        params, opt_state, updates = fused_optim.optax_update(state.tx, grads, state.opt_state, state.params, apply)
-        update_norm, param_norm = optax.tree.norm(updates), optax.tree.norm(params)
+    params, opt_state, update_norm, param_norm, updates = apply_update(
+        state.tx, grads, state.opt_state, state.params, grad_norm, apply, need_updates=diagnostics)
     if skip_nonfinite:
         model_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), model_state, state.model_state)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)

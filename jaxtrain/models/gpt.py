@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtrain import blas, fused
-from jaxtrain.config import ModelConfig as GPTConfig
+from jaxtrain import ops
+from jaxtrain.models.gpt_config import GPTConfig
 from jaxtrain.diagnostics import attention_logit_stats
 
 __all__ = ["GPT", "GPTConfig"]
@@ -32,15 +32,6 @@ def _dense(cfg: GPTConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float = _
                       bias_init=nnx.initializers.zeros, dtype=_dtype(cfg), rngs=rngs)
 
 
-def _use_blas(cfg: GPTConfig) -> bool | None:
-    """``use_blas`` for :func:`jaxtrain.blas.matmul`: None decides per call (float32 on one CPU device)."""
-    return {"auto": None, "blas": True, "xla": False}[cfg.matmul]
-
-
-def _blas_on(use_blas: bool | None, *operands: jax.Array) -> bool:
-    return blas.resolve(use_blas, *operands, setting="model.matmul='blas'")
-
-
 def _dtype(cfg: GPTConfig):
     return jnp.dtype(cfg.dtype)
 
@@ -50,45 +41,21 @@ def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.float32, rngs=rngs)
 
 
-def _norm(ln: nnx.LayerNorm, x: jax.Array, use_blas: bool | None) -> jax.Array:
-    """``ln(x)``; on the BLAS path (float32 on one CPU device) as one fused kernel each way."""
-    if _blas_on(use_blas, x):
-        # The LayerNorm computes in float32 (dtype=float32) whatever its params' dtype, as here: under
-        # train_step's compute_dtype the params arrive cast to bfloat16 while x is float32.
-        f32 = lambda p: None if p is None else p[...].astype(jnp.float32)  # noqa: E731
-        return fused.layer_norm(x, f32(ln.scale), f32(ln.bias), eps=ln.epsilon, use_fused=True)
-    return ln(x)
+def _norm(ln: nnx.LayerNorm, x: jax.Array) -> jax.Array:
+    """``ln(x)`` through :func:`jaxtrain.ops.layer_norm` (float32 out)."""
+    param = lambda p: None if p is None else p[...]  # noqa: E731
+    return ops.layer_norm(x, param(ln.scale), param(ln.bias), eps=ln.epsilon)
 
 
-@jax.custom_vjp
-def _add_positions(tok_BTC: jax.Array, pos_TC: jax.Array) -> jax.Array:
-    """``tok_BTC + pos_TC``, broadcast over the batch."""
-    return tok_BTC + pos_TC
-
-
-def _add_positions_fwd(tok_BTC, pos_TC):
-    # Residuals must be arrays: empty ones carry the two input dtypes for the cotangents.
-    return tok_BTC + pos_TC, (jnp.zeros((0,), tok_BTC.dtype), jnp.zeros((0,), pos_TC.dtype))
-
-
-def _add_positions_bwd(dtypes, g_BTC):
-    # The position gradient is the sum over the batch. XLA:CPU reduces a [B, T, C]
-    # array over its leading axis ~25x slower (4.5 ms at 8 x 256 x 384) than it
-    # computes the same sum as a product with a vector of ones (0.16 ms).
-    tok_dtype, pos_dtype = (d.dtype for d in dtypes)
-    ones_B = jnp.ones(g_BTC.shape[0], g_BTC.dtype)
-    g_TC = jnp.einsum("b,btc->tc", ones_B, g_BTC, preferred_element_type=jnp.float32)
-    return g_BTC.astype(tok_dtype), g_TC.astype(pos_dtype)
-
-
-_add_positions.defvjp(_add_positions_fwd, _add_positions_bwd)
+def _linear(layer: nnx.Linear, x: jax.Array, gelu: bool = False) -> jax.Array:
+    """``layer(x)`` (then the exact GELU) through :func:`jaxtrain.ops.dense`, in the input's dtype."""
+    return ops.dense(x, layer.kernel[...], None if layer.bias is None else layer.bias[...], gelu=gelu)
 
 
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         self.n_head = cfg.n_head
         self.implementation = None if cfg.attention == "xla" else cfg.attention
-        self.use_blas = _use_blas(cfg)
         self.c_attn = _dense(cfg, cfg.n_embd, 3 * cfg.n_embd, rngs)
         self.c_proj = _dense(cfg, cfg.n_embd, cfg.n_embd, rngs, std=_STD / math.sqrt(2 * cfg.n_layer))
         self.resid_dropout = nnx.Dropout(cfg.dropout)
@@ -99,93 +66,31 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x_BTC: jax.Array, *, rngs: nnx.Rngs | None, deterministic: bool) -> jax.Array:
         B, T, C = x_BTC.shape
-        qkv_BT3NH = _dense_2d(self.c_attn, x_BTC, self.use_blas).reshape(B, T, 3, self.n_head, C // self.n_head)
+        qkv_BT3NH = _linear(self.c_attn, x_BTC).reshape(B, T, 3, self.n_head, C // self.n_head)
         if self.sow_stats:
             for name, value in attention_logit_stats(qkv_BT3NH[:, :, 0], qkv_BT3NH[:, :, 1]).items():
                 self.sow(nnx.Intermediate, name, value)
-        if self.implementation is None:
-            rate = 0.0 if deterministic else self.dropout
-            if rate == 0.0 and _blas_on(self.use_blas, qkv_BT3NH):
-                y_BTNH = fused.causal_attention(qkv_BT3NH, use_fused=True)  # one FFI kernel (MKL)
-            else:
-                y_BTNH = _causal_attention(qkv_BT3NH, rate, rngs, self.use_blas)
-        else:  # a fused kernel (cudnn); it has no dropout
-            y_BTNH = jax.nn.dot_product_attention(*jnp.unstack(qkv_BT3NH, axis=2), is_causal=True,
-                                                  implementation=self.implementation)
-        y_BTC = _dense_2d(self.c_proj, y_BTNH.reshape(B, T, C), self.use_blas)
+        rate = 0.0 if deterministic or self.implementation is not None else self.dropout
+        y_BTNH = ops.causal_attention(qkv_BT3NH, dropout_rate=rate, dropout_key=rngs.dropout() if rate else None,
+                                      implementation=self.implementation)
+        y_BTC = _linear(self.c_proj, y_BTNH.reshape(B, T, C))
         return self.resid_dropout(y_BTC, deterministic=deterministic, rngs=rngs)
-
 
     def decode(self, x_BC: jax.Array, pos: jax.Array, k_BNTH: jax.Array, v_BNTH: jax.Array):
         """One position of incremental decoding: ``(y_BC, k_BNTH, v_BNTH)`` with this token's key/value at ``pos``.
 
         The caches hold the keys and values of positions ``< pos``; position
-        ``pos`` attends to them and to itself, as in :func:`_causal_attention`.
+        ``pos`` attends to them and to itself, as causal attention does.
         """
         B, C = x_BC.shape
         N, T = self.n_head, k_BNTH.shape[2]
-        q_BNH, k_BNH, v_BNH = jnp.unstack(self.c_attn(x_BC).reshape(B, 3, N, C // N), axis=1)
+        q_BNH, k_BNH, v_BNH = jnp.unstack(_linear(self.c_attn, x_BC).reshape(B, 3, N, C // N), axis=1)
         k_BNTH = jax.lax.dynamic_update_index_in_dim(k_BNTH, k_BNH.astype(k_BNTH.dtype), pos, axis=2)
         v_BNTH = jax.lax.dynamic_update_index_in_dim(v_BNTH, v_BNH.astype(v_BNTH.dtype), pos, axis=2)
         logits_BNT = jnp.einsum("bnh,bnth->bnt", q_BNH, k_BNTH).astype(jnp.float32) / math.sqrt(C // N)
         probs_BNT = jax.nn.softmax(jnp.where(jnp.arange(T) <= pos, logits_BNT, -jnp.inf), axis=-1)
         y_BNH = jnp.einsum("bnt,bnth->bnh", probs_BNT.astype(v_BNTH.dtype), v_BNTH)
-        return self.c_proj(y_BNH.reshape(B, C)), k_BNTH, v_BNTH
-
-
-def _dense_2d(layer: nnx.Linear, x: jax.Array, use_blas: bool | None = False, gelu: bool = False) -> jax.Array:
-    """``layer(x)`` computed as one 2-D matmul over ``x.reshape(-1, d_in)``.
-
-    With a ``[B, T, C]`` input the weight gradient contracts over two axes (B
-    and T) and XLA:CPU first copies the activations into a transposed layout;
-    on ``[B * T, C]`` (a free reshape) every forward and backward dot is a
-    plain matmul that reads its operands in place. Float32 products on one
-    CPU device go to the BLAS (:mod:`jaxtrain.blas`) unless ``use_blas`` is False.
-    ``gelu=True`` returns ``gelu(layer(x))`` (exact GELU); on the BLAS path the
-    bias add and the GELU are one fused kernel (:func:`jaxtrain.fused.bias_gelu`).
-    """
-    x_MK = x.reshape(-1, x.shape[-1])
-    kernel = layer.kernel[...]
-    bias = None if layer.bias is None else layer.bias[...]
-    if _blas_on(use_blas, x_MK, kernel):
-        y_MN = blas.matmul(x_MK, kernel, use_blas=True)
-        if gelu:
-            y_MN = fused.bias_gelu(y_MN, bias, use_fused=True)
-        elif bias is not None:
-            y_MN = y_MN + bias
-    else:
-        y_MN = layer(x_MK)
-        if gelu:
-            y_MN = jax.nn.gelu(y_MN, approximate=False)  # exact, as torch's
-    return y_MN.reshape(*x.shape[:-1], -1)
-
-
-def _causal_attention(qkv_BT3NH: jax.Array, rate: float, rngs: nnx.Rngs | None,
-                      use_blas: bool | None = False) -> jax.Array:
-    """Causal softmax attention on fused ``[B, T, 3, N, H]`` q/k/v -> ``[B, T, N, H]``.
-
-    Heads move in front of time once (``[3, B, N, T, H]``), so all attention
-    matmuls, forward and backward, are batched over leading ``(B, N)`` axes;
-    on ``[B, T, N, H]`` operands XLA:CPU wraps each of them in transposing
-    copies. ``rate > 0`` applies dropout to the probabilities (``rngs`` must
-    then hold a ``dropout`` stream). With ``use_blas`` (see :func:`_dense_2d`)
-    the two products are batched BLAS calls.
-    """
-    q_BNTH, k_BNTH, v_BNTH = qkv_BT3NH.transpose(2, 0, 3, 1, 4)
-    T, H = q_BNTH.shape[2], q_BNTH.shape[3]
-    use_blas = _blas_on(use_blas, q_BNTH)
-    if use_blas:
-        logits_BNTS = blas.matmul(q_BNTH, k_BNTH, transpose_b=True, use_blas=True) / math.sqrt(H)
-    else:
-        logits_BNTS = jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNTH).astype(jnp.float32) / math.sqrt(H)
-    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
-    probs_BNTS = jax.nn.softmax(jnp.where(causal_TS, logits_BNTS, -jnp.inf), axis=-1)
-    if rate > 0.0:
-        keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, probs_BNTS.shape)
-        probs_BNTS = jnp.where(keep, probs_BNTS / (1.0 - rate), 0.0)
-    if use_blas:
-        return blas.matmul(probs_BNTS, v_BNTH, use_blas=True).transpose(0, 2, 1, 3)
-    return jnp.einsum("bnts,bnsh->btnh", probs_BNTS.astype(v_BNTH.dtype), v_BNTH)
+        return _linear(self.c_proj, y_BNH.reshape(B, C)), k_BNTH, v_BNTH
 
 
 class MLP(nnx.Module):
@@ -193,11 +98,10 @@ class MLP(nnx.Module):
         self.c_fc = _dense(cfg, cfg.n_embd, 4 * cfg.n_embd, rngs)
         self.c_proj = _dense(cfg, 4 * cfg.n_embd, cfg.n_embd, rngs, std=_STD / math.sqrt(2 * cfg.n_layer))
         self.dropout = nnx.Dropout(cfg.dropout)
-        self.use_blas = _use_blas(cfg)
 
     def __call__(self, x_BTC, *, rngs, deterministic):
-        h_BTF = _dense_2d(self.c_fc, x_BTC, self.use_blas, gelu=True)
-        return self.dropout(_dense_2d(self.c_proj, h_BTF, self.use_blas), deterministic=deterministic, rngs=rngs)
+        h_BTF = _linear(self.c_fc, x_BTC, gelu=True)
+        return self.dropout(_linear(self.c_proj, h_BTF), deterministic=deterministic, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -206,21 +110,20 @@ class Block(nnx.Module):
         self.attn = CausalSelfAttention(cfg, rngs)
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
-        self.use_blas = _use_blas(cfg)
 
     def __call__(self, x_BTC, *, rngs, deterministic):
         dtype = x_BTC.dtype
-        x_BTC = x_BTC + self.attn(_norm(self.ln_1, x_BTC, self.use_blas).astype(dtype), rngs=rngs,
+        x_BTC = x_BTC + self.attn(_norm(self.ln_1, x_BTC).astype(dtype), rngs=rngs,
                                   deterministic=deterministic)
-        return x_BTC + self.mlp(_norm(self.ln_2, x_BTC, self.use_blas).astype(dtype), rngs=rngs,
+        return x_BTC + self.mlp(_norm(self.ln_2, x_BTC).astype(dtype), rngs=rngs,
                                 deterministic=deterministic)
 
     def decode(self, x_BC, pos, cache):
         """:meth:`__call__` for one position (no dropout); ``cache`` is this block's ``(k_BNTH, v_BNTH)``."""
         dtype = x_BC.dtype
-        y_BC, k_BNTH, v_BNTH = self.attn.decode(self.ln_1(x_BC).astype(dtype), pos, *cache)
+        y_BC, k_BNTH, v_BNTH = self.attn.decode(_norm(self.ln_1, x_BC).astype(dtype), pos, *cache)
         x_BC = x_BC + y_BC
-        return x_BC + self.mlp(self.ln_2(x_BC).astype(dtype), rngs=None, deterministic=True), (k_BNTH, v_BNTH)
+        return x_BC + self.mlp(_norm(self.ln_2, x_BC).astype(dtype), rngs=None, deterministic=True), (k_BNTH, v_BNTH)
 
 
 class GPT(nnx.Module):
@@ -254,7 +157,7 @@ class GPT(nnx.Module):
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's block_size={cfg.block_size}")
         # positions 0..T-1 as a slice, not a gather: its gradient is a plain sum over the batch
-        x_BTC = _add_positions(self.wte(idx_BT), self.wpe.embedding[:T]).astype(dtype)
+        x_BTC = ops.add_positions(self.wte(idx_BT), self.wpe.embedding[:T]).astype(dtype)
         x_BTC = self.drop(x_BTC, deterministic=deterministic, rngs=rngs)
         for block in self.h:
             if cfg.remat:
@@ -268,14 +171,13 @@ class GPT(nnx.Module):
     def _logits(self, x_BTC: jax.Array) -> jax.Array:
         """Final LayerNorm and the (tied or separate) head: float32 logits ``[..., V]``."""
         cfg, dtype = self.config, _dtype(self.config)
-        x_BTC = _norm(self.ln_f, x_BTC, _use_blas(cfg)).astype(dtype)
+        x_BTC = _norm(self.ln_f, x_BTC).astype(dtype)
         if self.lm_head is None:
-            x_MC = x_BTC.reshape(-1, cfg.n_embd)  # 2-D for the same reason as _dense_2d
-            wte_VC = self.wte.embedding[...].astype(dtype)
-            logits_MV = blas.matmul(x_MC, wte_VC, transpose_b=True, use_blas=_blas_on(_use_blas(cfg), x_MC, wte_VC))
+            x_MC = x_BTC.reshape(-1, cfg.n_embd)  # 2-D for the same reason as ops.dense
+            logits_MV = ops.matmul(x_MC, self.wte.embedding[...].astype(dtype), transpose_b=True)
             logits_BTV = logits_MV.reshape(*x_BTC.shape[:-1], -1)
         else:
-            logits_BTV = _dense_2d(self.lm_head, x_BTC, _use_blas(cfg))
+            logits_BTV = _linear(self.lm_head, x_BTC)
         return logits_BTV.astype(jnp.float32)
 
     def init_cache(self, batch: int) -> list:

@@ -1,4 +1,4 @@
-"""Metrics out of the loop: JSONL + TensorBoard, throughput and MFU, a progress bar, the plot.
+"""Metrics out of the loop: JSONL + TensorBoard, throughput and MFU, a progress bar.
 
 Everything here runs on the host with plain Python numbers: the loop fetches
 the device metrics once per log interval and hands this module dicts of floats.
@@ -8,7 +8,7 @@ Example::
 
     with MetricsLog(run_dir, start_step=0, total_steps=100, enabled=True) as log:
         log.write({"step": 10, "loss": 3.1, "tokens_per_s": 5e3})
-    plot(read_jsonl(run_dir / METRICS_FILE), run_dir / PLOT_FILE)
+    jaxtrain.app.plot.plot(read_jsonl(run_dir / METRICS_FILE), run_dir / "plot.png")
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 from tqdm.auto import tqdm
@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from jaxtrain.diagnostics import is_diagnostic
 
 METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "plot.png"
 TB_DIR = "tb"
 
 # Dense bfloat16 peak FLOP/s of one device, matched as a substring of
@@ -57,16 +56,6 @@ def peak_flops(devices: Sequence[jax.Device], override: Optional[float] = None) 
     """
     per_device = override if override is not None else device_peak_flops(devices[0].device_kind)
     return None if per_device is None else per_device * len(devices)
-
-
-def flops_per_token(n_params: int, n_embd_params: int, *, n_layer: int, n_embd: int, block_size: int) -> float:
-    """Training FLOPs per token of a GPT (forward + backward), as in the PaLM paper's appendix B.
-
-    ``6 * N + 12 * L * C * T`` where N counts parameters without the position
-    embedding ``n_embd_params`` (the same formula as ``GPT.flops_per_token``,
-    written on counts so it works on an abstract state without allocating one).
-    """
-    return 6 * (n_params - n_embd_params) + 12 * n_layer * n_embd * block_size
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, peak: Optional[float]) -> Optional[float]:
@@ -115,11 +104,12 @@ def fmt_mfu(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def summary_line(*, steps: int, val_loss: Optional[float], baseline: float, tokens_per_s: float,
+def summary_line(*, steps: int, val_loss: Optional[float], baseline: Optional[float], tokens_per_s: float,
                  mfu_: Optional[float], train_s: float, wall_s: float) -> str:
     """The one line printed at the end of a run."""
     val = "n/a" if val_loss is None else f"{val_loss:.4f}"
-    return (f"done: {steps} steps | final val loss {val} nats/token (unigram baseline {baseline:.4f}) | "
+    base = "" if baseline is None else f" (unigram baseline {baseline:.4f})"
+    return (f"done: {steps} steps | final val loss {val} nats/token{base} | "
             f"{fmt_rate(tokens_per_s)} tokens/s | MFU {fmt_mfu(mfu_)} | "
             f"training {fmt_duration(train_s)}, wall {fmt_duration(wall_s)}")
 
@@ -249,61 +239,3 @@ def _postfix(row: dict, val: Optional[tuple[int, float]] = None) -> str:
 
 
 # ---------------------------------------------------------------- plot
-
-
-def _series(rows: Iterable[dict], key: str) -> tuple[list, list]:
-    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def plot(rows: Sequence[dict], path: str | Path, *, baseline: Optional[float] = None) -> None:
-    """A PNG of train/val loss (with the unigram ``baseline``), gradient norm and learning rate.
-
-    When the rows carry diagnostics (``train.diagnostics``), a second row of
-    panels shows them: see :func:`_plot_diagnostics`.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; must precede pyplot's import
-    import matplotlib.pyplot as plt
-
-    diag_keys = sorted({k for r in rows for k in r if is_diagnostic(k)})
-    if diag_keys:
-        fig, axes = plt.subplots(2, 4, figsize=(20, 8), constrained_layout=True)
-        (ax_loss, ax_gn, ax_lr, ax_clip), bottom = axes
-    else:
-        fig, (ax_loss, ax_gn, ax_lr) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
-    ax_loss.plot(*_series(rows, "loss"), label="train")
-    ax_loss.plot(*_series(rows, "val_loss"), "o-", label="val")
-    if baseline is not None:
-        ax_loss.axhline(baseline, color="gray", ls="--", lw=1, label="unigram baseline")
-    ax_loss.set(title="loss (nats/token)", xlabel="step")
-    ax_loss.legend()
-    ax_gn.plot(*_series(rows, "grad_norm"))
-    ax_gn.set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
-    ax_lr.plot(*_series(rows, "lr"))
-    ax_lr.set(title="learning rate", xlabel="step")
-    if diag_keys:
-        _plot_diagnostics(rows, diag_keys, ax_clip, bottom)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_diagnostics(rows: Sequence[dict], keys: Sequence[str], ax_clip, bottom) -> None:
-    """Clip fraction; per-module gradient norms and update ratios; per-layer attention statistics."""
-    import matplotlib.pyplot as plt
-
-    ax_clip.plot(*_series(rows, "clip_frac"))
-    ax_clip.set(title="fraction of steps clipped", xlabel="step", ylim=(-0.05, 1.05))
-    panels = (("grad_norm/", "gradient norm per module", "log"),
-              ("update_ratio/", "|update| / |param| per module", "log"),
-              ("attn_logit_max/", "attention: max |logit| per layer", "linear"),
-              ("attn_saturated/", "attention: rows with max prob > 0.99", "linear"))
-    for ax, (prefix, title, yscale) in zip(bottom, panels):
-        series = [k for k in keys if k.startswith(prefix)]
-        colors = plt.cm.tab20([i % 20 for i in range(len(series))])  # 20 distinguishable colours
-        for key, color in zip(series, colors):
-            ax.plot(*_series(rows, key), color=color, label=key[len(prefix):])
-        ax.set(title=title, xlabel="step", yscale=yscale if series else "linear")
-        if series:
-            ax.legend(fontsize=6, ncol=2 if len(series) > 8 else 1)

@@ -3,12 +3,12 @@
 XLA:CPU runs a transformer's softmax, GELU and LayerNorm as several loop
 fusions over memory (``benchmarks/RESULTS.md``: ~0.7-1.9 ns per element
 each). These kernels do the same work in one pass each way, as XLA FFI calls
-into ``_cpu_kernels.cc`` (built and loaded with :mod:`jaxtrain.blas`, under
+into ``_cpu_kernels.cc`` (built and loaded with :mod:`jaxtrain.cpu.blas`, under
 the same conditions: float32 on one CPU device with MKL; :func:`why_not` says
 why not). They are differentiable to any order in reverse mode (first-order
 gradients run the backward kernels; higher orders, such as a gradient penalty
 or a Hessian-vector product, differentiate the plain JAX definitions) and
-match the plain JAX definitions to float rounding; ``tests/test_fused.py`` checks values and
+match the plain JAX definitions to float rounding; ``tests/cpu/test_kernels.py`` checks values and
 gradients against them.
 
 - :func:`causal_attention`: softmax attention with a causal mask, read from
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrain import blas
+from jaxtrain.cpu import blas
 
 __all__ = ["causal_attention", "bias_gelu", "layer_norm", "why_not", "reference_attention", "reference_bias_gelu",
            "reference_layer_norm"]
@@ -50,7 +50,7 @@ def why_not(*arrays: jax.Array) -> Optional[str]:
 
 
 def _use_kernel(use_fused: Optional[bool], x: jax.Array, *operands: jax.Array) -> bool:
-    """``use_fused`` resolved as :func:`jaxtrain.blas.resolve` does; empty or 0-d ``x`` takes plain JAX."""
+    """``use_fused`` resolved as :func:`jaxtrain.cpu.blas.resolve` does; empty or 0-d ``x`` takes plain JAX."""
     return blas.resolve(use_fused, x, *operands, setting="use_fused=True") and x.ndim > 0 and x.size > 0
 
 

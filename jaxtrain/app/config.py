@@ -24,25 +24,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from jaxtrain.errors import ConfigError
+from jaxtrain.models.gpt_config import GPTConfig
+from jaxtrain.optim_config import SCHEDULES, OptimConfig, validate_optim
 
-class ConfigError(ValueError):
-    """A user-facing configuration mistake; the message names the key and value."""
+__all__ = ["Config", "ConfigError", "GPTConfig", "OptimConfig", "ParallelConfig", "DataConfig", "TrainConfig",
+           "CheckpointConfig", "LogConfig", "load", "from_dict", "to_dict", "to_yaml", "replace", "validate",
+           "describe", "all_keys", "config_path", "CONFIG_NAMES"]
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 256  # tokens in the vocabulary (256 for the byte tokenizer)
-    block_size: int = 256  # longest context the model sees
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # attention heads per block
-    n_embd: int = 128  # residual stream width
-    dropout: float = 0.0  # dropout rate on attention and residual paths
-    bias: bool = True  # biases in Linear and LayerNorm layers, like GPT-2
-    tie_embeddings: bool = True  # lm_head shares the token embedding matrix
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
-    remat: bool = False  # recompute each block in the backward to save memory
-    attention: str = "xla"  # dot_product_attention implementation: xla | cudnn
-    matmul: str = "auto"  # float32 matmuls on one CPU device: auto (MKL when available) | blas | xla
+ModelConfig = GPTConfig  # the model section of the built-in language-model task
 
 
 @dataclass(frozen=True)
@@ -54,23 +44,6 @@ class DataConfig:
     val_fraction: float = 0.05  # tail fraction of the corpus held out for validation
     cache_dir: str = "~/.cache/jaxtrain"  # where tokenized corpora are cached
     prefetch: int = 2  # batches prepared ahead of the device, in a background thread
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-3  # peak learning rate
-    schedule: str = "cosine"  # constant | cosine (warmup + cosine) | wsd (warmup-stable-decay)
-    warmup_steps: int = 50  # linear warmup steps (from lr * warmup_init to lr)
-    warmup_init: float = 0.0  # warmup starts at lr * warmup_init (0: lr / (warmup_steps + 1))
-    decay_steps: Optional[int] = None  # steps of the whole schedule; None = train.steps
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
-    wsd_decay_fraction: float = 0.2  # wsd: fraction of steps spent in the final decay
-    b1: float = 0.9  # AdamW beta1
-    b2: float = 0.95  # AdamW beta2
-    eps: float = 1e-8  # AdamW epsilon
-    weight_decay: float = 0.1  # decoupled weight decay on weight matrices
-    decay_embeddings: bool = True  # also decay embedding tables (nanoGPT does)
-    max_grad_norm: float = 1.0  # clip_by_global_norm threshold; 0 disables clipping
 
 
 @dataclass(frozen=True)
@@ -121,7 +94,9 @@ class LogConfig:
 @dataclass(frozen=True)
 class Config:
     run_dir: str = "runs/default"  # where checkpoints, metrics and samples go
-    model: ModelConfig = field(default_factory=ModelConfig)
+    task: str = "lm"  # lm (the built-in GPT on data.source), or your module: name, name:attr or path.py
+    backend: str = "auto"  # CPU kernels (jaxtrain.cpu): auto (where they can run) | cpu (required) | xla (off)
+    model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -133,9 +108,9 @@ class Config:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ("xla", "cudnn"),
-    "model.matmul": ("auto", "blas", "xla"),
+    "backend": ("auto", "cpu", "xla"),
     "data.token_dtype": ("uint16", "uint32"),
-    "optim.schedule": ("constant", "cosine", "wsd"),
+    "optim.schedule": SCHEDULES,
 }
 
 
@@ -278,11 +253,32 @@ def _text_field_kind(key: str) -> Optional[str]:
     return None
 
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the configs shipped with the package
+
+
+def config_names() -> list[str]:
+    """Names of the packaged configs (``default``, ``tiny``, ...), loadable as ``--config NAME``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """The YAML file ``name_or_path`` means: an existing path, else a packaged config's name
+    (``tiny`` or ``tiny.yaml``, also ``configs/tiny.yaml`` from a source checkout's old layout)."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        return p
+    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if stem in config_names() and (p.parent == Path(".") or p.parent.name == "configs"):
+        return CONFIG_DIR / f"{stem}.yaml"
+    return p
+
+
 def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
     """Build a validated :class:`Config` from an optional YAML file and overrides.
 
     Args:
-      path: a YAML file whose nested keys mirror :class:`Config`; None = defaults.
+      path: a YAML file whose nested keys mirror :class:`Config`, or a packaged
+        config's name (:func:`config_names`, e.g. ``"tiny"``); None = defaults.
       overrides: dotted ``key=value`` strings applied after the file.
     Raises:
       ConfigError: naming the unknown key (with the closest valid one), or the
@@ -291,11 +287,13 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
     base = OmegaConf.structured(Config)
     layers = []
     if path is not None:
-        p = Path(path)
+        p = config_path(path)
         if p.is_dir():
-            raise ConfigError(f"config file '{p}' is a directory; pass a YAML file, e.g. --config configs/tiny.yaml")
+            raise ConfigError(f"config file '{p}' is a directory; pass a YAML file or a config name, e.g. "
+                              "--config tiny")
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
+            raise ConfigError(f"config file '{p}' does not exist; give a YAML file or one of the packaged "
+                              f"configs: {', '.join(config_names())}")
         try:
             layers.append((OmegaConf.load(p), f"'{p}'"))
         except Exception as e:  # YAML syntax, or a scalar document
@@ -353,43 +351,6 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
-# optim.<key>: (test the value must pass, what is valid). Written so that NaN fails every test.
-_OPTIM_RANGES = {
-    "lr": (lambda v: 0.0 < v < math.inf, "must be a finite number > 0"),
-    "warmup_init": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1] (a fraction of optim.lr; 0: lr / (warmup_steps + 1))"),
-    "min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
-    "wsd_decay_fraction": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
-    "b1": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-    "b2": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-    "eps": (lambda v: 0.0 < v < math.inf, "must be a finite number > 0 (AdamW divides by sqrt(v) + eps)"),
-    "weight_decay": (lambda v: 0.0 <= v < math.inf, "must be a finite number >= 0"),
-    "max_grad_norm": (lambda v: 0.0 <= v < math.inf, "must be a finite number >= 0 (0 disables clipping)"),
-}
-
-
-def _integer_at_least(value: Any, least: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
-
-
-def validate_optim(optim: OptimConfig) -> None:
-    """Range checks of the optimizer section; raises :class:`ConfigError` naming ``optim.<key>``.
-
-    Called by :func:`validate` and by :func:`jaxtrain.make_optimizer`, so an
-    out-of-range value (a NaN learning rate, ``b2=1``, a negative ``eps``) is an
-    error before it can turn into NaN parameters or a silently wrong schedule.
-    """
-    for key, (ok, why) in _OPTIM_RANGES.items():
-        value = getattr(optim, key)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(float(value)):
-            raise ConfigError(f"optim.{key}={value!r}: {why}")
-    if optim.schedule not in _CHOICES["optim.schedule"]:
-        raise ConfigError(f"optim.schedule={optim.schedule!r}: must be one of {', '.join(_CHOICES['optim.schedule'])}")
-    if not _integer_at_least(optim.warmup_steps, 0):
-        raise ConfigError(f"optim.warmup_steps={optim.warmup_steps!r}: must be an integer >= 0")
-    if optim.decay_steps is not None and not _integer_at_least(optim.decay_steps, 1):
-        raise ConfigError(f"optim.decay_steps={optim.decay_steps!r}: must be a positive integer or null")
-
-
 def validate(cfg: Config) -> None:
     """Checks that span fields; raises :class:`ConfigError` naming key and value."""
 
@@ -411,7 +372,7 @@ def validate(cfg: Config) -> None:
             bad(key, "must be >= 0")
     if not 0.0 <= cfg.train.sample_temperature < math.inf:  # NaN fails too
         bad("train.sample_temperature", "must be a finite number >= 0 (0: greedy)")
-    for key in ["run_dir", "data.source", "data.glob", "data.cache_dir"]:  # "" would mean the current directory
+    for key in ["run_dir", "task", "data.source", "data.glob", "data.cache_dir"]:  # "" would mean the current directory
         if not _get(cfg, key).strip():
             bad(key, "must not be empty")
     if cfg.data.val_source is not None and not cfg.data.val_source.strip():

@@ -16,7 +16,7 @@ operands would be gathered into each custom call) :func:`matmul` is the plain
 ``jnp.matmul``, and so it is when the BLAS path is unavailable: no MKL, no C++
 compiler, or ``JAXTRAIN_BLAS=off``. :func:`status` and :func:`why_not` say why.
 The same handler library holds the fused attention, GELU and LayerNorm
-kernels of :mod:`jaxtrain.fused`, which run under the same conditions.
+kernels of :mod:`jaxtrain.cpu.kernels`, which run under the same conditions.
 
 Set-up, once: MKL comes from PyPI (``pip install mkl``; the ``cpu`` extra of
 this package pulls it in); the handler is compiled on first use with the
@@ -59,7 +59,7 @@ __all__ = ["matmul", "status", "enabled", "why_not", "resolve", "describe", "BLA
 BLAS_ENV = "JAXTRAIN_BLAS"
 EXT_CACHE_ENV = "JAXTRAIN_EXT_CACHE"
 _TARGET = "jaxtrain_blas_gemm"
-# FFI target -> handler symbol in _cpu_kernels.cc (the fused kernels are used by jaxtrain.fused)
+# FFI target -> handler symbol in _cpu_kernels.cc (the fused kernels are used by jaxtrain.cpu.kernels)
 _HANDLERS = {
     _TARGET: "JaxtrainGemm",
     "jaxtrain_attention_fwd": "JaxtrainAttentionFwd",

@@ -12,10 +12,10 @@ parameter and moment once and writes the new parameter and moments in place,
 It is the same arithmetic as optax, operation by operation, and is used only
 for :func:`jaxtrain.make_optimizer`'s own chain (marked :class:`ClipAdamW`)
 where the CPU kernels can run (float32 on one CPU device with MKL, as
-:mod:`jaxtrain.fused`). Optax itself still provides the state layout, the
+:mod:`jaxtrain.cpu.kernels`). Optax itself still provides the state layout, the
 step counters and the hyper-parameters in force (the learning-rate schedule):
 its update is traced too, and XLA removes its unused per-parameter arithmetic.
-``tests/test_fused_optim.py`` checks the result against the optax path.
+``tests/cpu/test_adamw.py`` checks the result against the optax path.
 """
 
 from __future__ import annotations
@@ -28,34 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxtrain import blas
+from jaxtrain.cpu import blas
+from jaxtrain.optim import ClipAdamW, optax_update
 
 PyTree = Any
 
 _TARGET = "jaxtrain_adamw"
 _HP = ("norm", "max_norm", "b1", "b2", "eps", "eps_root", "weight_decay", "learning_rate", "bc1", "bc2", "apply")
-
-
-class ClipAdamW(optax.GradientTransformationExtraArgs):
-    """``optax.chain(clip_by_global_norm(max_grad_norm), inject_hyperparams(adamw)(...))``.
-
-    An ordinary optax transform (``init`` / ``update``) that
-    :func:`jaxtrain.train_step` may also apply with :func:`fused_update`, which
-    needs, besides the state: ``max_grad_norm`` (0: no clip), the weight-decay
-    ``mask`` (a pytree of bools or a function of params) and ``fused`` (None:
-    where the kernels can run; True: always, else raise).
-    """
-
-    max_grad_norm: float
-    mask: Any
-    fused: Optional[bool]
-
-
-def clip_adamw(chain: optax.GradientTransformationExtraArgs, max_grad_norm: float, mask,
-               fused: Optional[bool] = None) -> ClipAdamW:
-    tx = ClipAdamW(chain.init, chain.update)
-    tx.max_grad_norm, tx.mask, tx.fused = float(max_grad_norm), mask, fused
-    return tx
 
 
 def _is_adam(x) -> bool:
@@ -70,7 +49,7 @@ def why_not(tx: optax.GradientTransformation, params: PyTree, grads: PyTree) -> 
     """None if :func:`fused_update` can apply ``tx`` to these arrays, else why not.
 
     With ``fused=None`` the process must have one device, as for the model's
-    kernels (:func:`jaxtrain.blas.why_not`); ``fused=True`` also runs with several.
+    kernels (:func:`jaxtrain.cpu.blas.why_not`); ``fused=True`` also runs with several.
     """
     return _plan(tx, params, grads)[0]
 
@@ -111,23 +90,6 @@ def _decay_flags(mask, params: PyTree) -> Optional[PyTree]:
     if not all(isinstance(f, (bool, np.bool_)) for f in jax.tree.leaves(flags)):
         return None
     return jax.tree.map(bool, flags)
-
-
-def optax_update(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyTree, params: PyTree,
-                 apply: jax.Array | bool = True) -> tuple[PyTree, PyTree, PyTree]:
-    """``tx``'s update through optax itself: ``(params, opt_state, updates)``.
-
-    Where ``apply`` is False, params and optimizer state stay as they were
-    (``apply=True``, the Python constant, adds no selects). This is the
-    update :func:`jaxtrain.train_step` applies where :func:`fused_update`
-    does not, and the one whose derivatives :func:`fused_update` has.
-    """
-    updates, new_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    if apply is not True:
-        new_params, new_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), (new_params, new_state),
-                                             (params, opt_state))
-    return new_params, new_state, updates
 
 
 def _optax_update_and_norms(tx, grads, opt_state, params, grad_norm, apply):
@@ -189,10 +151,11 @@ def _kernel_update(tx: ClipAdamW, flags: PyTree, grads: PyTree, opt_state: PyTre
     (old_adam,) = _nodes(opt_state, _is_adam)
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     # The bias corrections exactly as optax writes them (1 - decay ** count).
-    values = dict(norm=grad_norm, max_norm=tx.max_grad_norm, b1=hyper["b1"], b2=hyper["b2"], eps=hyper["eps"],
-                  eps_root=hyper["eps_root"], weight_decay=hyper["weight_decay"],
-                  learning_rate=hyper["learning_rate"], bc1=1 - hyper["b1"] ** adam.count,
-                  bc2=1 - hyper["b2"] ** adam.count, apply=apply)
+    cfg = tx.config  # the constants of the chain; only the learning rate is optimizer state
+    values = dict(norm=grad_norm, max_norm=cfg.max_grad_norm, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                  eps_root=0.0, weight_decay=cfg.weight_decay,
+                  learning_rate=hyper["learning_rate"], bc1=1 - cfg.b1 ** adam.count,
+                  bc2=1 - cfg.b2 ** adam.count, apply=apply)
     hp = jnp.stack([f32(values[k]) for k in _HP])
 
     treedef = jax.tree.structure(params)

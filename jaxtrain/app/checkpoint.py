@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jaxtrain import config as config_lib
-from jaxtrain.config import CheckpointConfig, Config, ConfigError
-from jaxtrain.signals import RunStopped, path_str
+from jaxtrain.app import config as config_lib
+from jaxtrain.app.config import CheckpointConfig, Config, ConfigError
+from jaxtrain.app.preempt import RunStopped, path_str
 from jaxtrain.state import TrainState
 
 PyTree = Any
@@ -60,7 +60,7 @@ LEAVES = ("step", "params", "opt_state", "rng", "model_state")  # the TrainState
 # model.dtype, model.dropout, ...) may change between runs. No optim key changes
 # the optax state's structure today; a structural mismatch from anything else
 # (e.g. a custom model) is still caught by comparing the saved tree (_check_tree).
-ARCH_KEYS = ("model.vocab_size", "model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
+ARCH_KEYS = ("task", "model.vocab_size", "model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
              "model.bias", "model.tie_embeddings")
 
 
@@ -187,6 +187,8 @@ def config_diff(saved: dict, config: Config, keys=ARCH_KEYS) -> list[tuple[str, 
     out = []
     for key in keys:
         a, b = _lookup(saved, key), _lookup(current, key)
+        if key == "task" and a == "<missing>":  # saved before tasks existed: the built-in GPT
+            a = "lm"
         if a != b:
             out.append((key, a, b))
     return out
@@ -235,50 +237,16 @@ def _key_data_shapes(tree: PyTree) -> PyTree:
     return jax.tree.map(shape, tree)
 
 
-def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: TrainState,
-                  retune: bool = False) -> TrainState:
-    """The saved state exactly; with ``retune``, the current optimizer's constants replace the saved ones."""
+def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
+    """The saved state exactly, onto ``abstract_state``'s shardings, with its ``graphdef`` and ``tx``.
+
+    Only the learning rate is optimizer state (:func:`jaxtrain.make_optimizer`);
+    the other hyper-parameters come with ``tx``, so a changed ``optim`` section
+    takes effect on resume without touching the restored arrays.
+    """
     target = leaves(abstract_state)
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-    state = abstract_state.replace(**{name: restored[name] for name in LEAVES})
-    return _current_hyperparams(state, abstract_state) if retune else state
-
-
-def _optim_changed(saved_config: dict, config: Config) -> bool:
-    """True when the ``optim`` section of ``config`` differs from the saved run's."""
-    return _lookup(saved_config, "optim") != config_lib.to_dict(config)["optim"]
-
-
-def _is_injected(node) -> bool:
-    return hasattr(node, "hyperparams") and hasattr(node, "hyperparams_states")
-
-
-def _current_hyperparams(state: TrainState, abstract_state: TrainState) -> TrainState:
-    """Put the current optimizer's constant hyper-parameters into a restored ``opt_state``.
-
-    ``optax.inject_hyperparams`` keeps constant hyper-parameters (AdamW's b1, b2,
-    eps, weight_decay) as arrays in the optimizer state and reads them from
-    there, so a restored state would silently keep the saved values when the
-    config changed them. Scheduled ones (the learning rate) are recomputed from
-    the step count every update and stay as restored. Applied only when the
-    ``optim`` section of the config changed: otherwise the saved values, also
-    ones set by hand in ``opt_state.hyperparams``, are restored as they were.
-    """
-    def constants(opt_state):
-        nodes = jax.tree.leaves(opt_state, is_leaf=_is_injected)
-        return [{k: v for k, v in n.hyperparams.items() if k not in n.hyperparams_states}
-                for n in nodes if _is_injected(n)]
-
-    if not constants(abstract_state.opt_state):
-        return state
-    shardings = jax.tree.map(lambda x: x.sharding, constants(abstract_state.opt_state))
-    # Only the scalars are returned, so XLA drops the moment buffers init would allocate.
-    fresh = iter(jax.jit(lambda p: constants(state.tx.init(p)), out_shardings=shardings)(state.params))
-
-    def update(node):
-        return node._replace(hyperparams={**node.hyperparams, **next(fresh)}) if _is_injected(node) else node
-
-    return state.replace(opt_state=jax.tree.map(update, state.opt_state, is_leaf=_is_injected))
+    return abstract_state.replace(**{name: restored[name] for name in LEAVES})
 
 
 def _refuse_fresh_start(mngr: ocp.CheckpointManager, steps: list[int]) -> ConfigError:
@@ -370,7 +338,7 @@ def _restore_checked(mngr: ocp.CheckpointManager, step: int, abstract_state: Tra
     meta = _read_meta(mngr, step)
     check_compatible(meta["config"], config, where)
     _check_tree(mngr, step, leaves(abstract_state), where)
-    return _restore_step(mngr, step, abstract_state, retune=_optim_changed(meta["config"], config)), meta
+    return _restore_step(mngr, step, abstract_state), meta
 
 
 def _one_line(e: Optional[BaseException]) -> str:
@@ -420,14 +388,10 @@ def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
 
 
 def build_state(config: Config) -> TrainState:
-    """A fresh GPT :class:`TrainState` for ``config`` (what a run starts from)."""
-    from flax import nnx
+    """A fresh :class:`TrainState` of ``config``'s task (what a run starts from)."""
+    from jaxtrain.app import tasks
 
-    from jaxtrain.models import GPT
-    from jaxtrain.optim import make_optimizer
-
-    model = GPT(config.model, rngs=nnx.Rngs(config.train.seed))
-    return TrainState.create(model, make_optimizer(config.optim, config.train.steps), rng=config.train.seed)
+    return tasks.state_factory(tasks.load(config, with_data=False), config)()
 
 
 def with_shardings(abstract_state: TrainState, mesh=None) -> TrainState:
@@ -447,7 +411,7 @@ def with_shardings(abstract_state: TrainState, mesh=None) -> TrainState:
 
 
 def load_run(run_dir: str | Path, mesh=None, step: Optional[int] = None) -> tuple[TrainState, Config]:
-    """Load a run directory's checkpoint into a GPT :class:`TrainState` plus its config.
+    """Load a run directory's checkpoint into a :class:`TrainState` of its task plus its config.
 
     Args:
       run_dir: a directory written by ``python -m jaxtrain.run``.

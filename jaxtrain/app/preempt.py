@@ -195,7 +195,7 @@ def diagnose_nonfinite(state, batch, step: int, *, loss_fn=None, grad_accum: int
     """
     import jax
 
-    from jaxtrain.step import lm_loss
+    from jaxtrain.losses import lm_loss
 
     loss, flags = jax.device_get(_loss_and_flags(state, batch, step, loss_fn or lm_loss, grad_accum, compute_dtype))
     paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
@@ -210,11 +210,11 @@ def _loss_and_flags(state, batch, step, loss_fn, grad_accum, compute_dtype):
     """``(loss, per-parameter "gradient is finite" flags)``, jitted once per static setting."""
     import jax
 
-    from jaxtrain.step import _accumulate  # exactly the gradient train_step computes
+    from jaxtrain.step import accumulate_grads  # exactly the gradient train_step computes
 
     def f(state, batch, step):
         rng = jax.random.fold_in(state.rng, step)
-        loss, _, _, grads = _accumulate(state, batch, rng, loss_fn, grad_accum, compute_dtype, None)
+        loss, _, _, grads = accumulate_grads(state, batch, rng, loss_fn, grad_accum, compute_dtype, None)
         return loss, _finite_flags(grads)
 
     return jax.jit(f)(state, batch, step)

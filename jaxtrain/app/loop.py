@@ -1,5 +1,6 @@
-"""``train(config)``: the run loop. It wires data, model, optimizer, shardings,
-checkpoints and metrics together, and is the only impure code in the flow.
+"""``train(config)``: the run loop. It wires a task (model, loss, batches), the
+optimizer, shardings, checkpoints and writers together, and is the only impure
+code in the flow.
 
 What happens, in order:
 
@@ -16,14 +17,13 @@ What happens, in order:
 
 Example::
 
-    from jaxtrain import config, loop
-    summary = loop.train(config.load("configs/tiny.yaml", ["run_dir=/tmp/run"]))
+    from jaxtrain.app import config, loop
+    summary = loop.train(config.load("tiny", ["run_dir=/tmp/run"]))
     summary.val_loss
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import errno
 import functools
@@ -37,13 +37,14 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtrain import blas, checkpoint, data, diagnostics, generate, metrics, parallel, signals
-from jaxtrain.config import Config, ConfigError, to_yaml
-from jaxtrain.models import GPT
-from jaxtrain.optim import make_optimizer
+from jaxtrain import diagnostics, parallel
+from jaxtrain.app import checkpoint, data, plot, tasks
+from jaxtrain.app import preempt as signals
+from jaxtrain.app import writers as metrics
+from jaxtrain.app.config import Config, ConfigError, to_yaml
+from jaxtrain.app.tasks import Task
 from jaxtrain.state import TrainState
 from jaxtrain.step import eval_step, train_step
 
@@ -57,8 +58,8 @@ class Summary:
     """What a finished run reports (also the numbers of the final summary line)."""
 
     steps: int  # optimizer steps the state has taken
-    val_loss: Optional[float]  # mean loss over the fixed validation batches at the end
-    baseline: float  # unigram (byte-frequency) entropy of the validation split, nats/token
+    val_loss: Optional[float]  # mean loss over the fixed validation batches at the end (None: the task has none)
+    baseline: Optional[float]  # the task's reference loss (the LM: unigram entropy of the validation split)
     tokens_per_s: float  # training tokens / training seconds of this invocation
     mfu: Optional[float]  # model FLOPs utilisation; None when the device peak is unknown
     train_s: float  # seconds spent in training steps (excludes eval, samples, checkpoints)
@@ -73,27 +74,28 @@ class Run:
 
     cfg: Config
     mesh: Mesh
-    corpus: data.Corpus
-    baseline: float  # unigram entropy of the validation split
+    task: Task
     abstract_state: TrainState  # ShapeDtypeStruct leaves carrying the target shardings
     make_state: Callable[[], TrainState]
     train_step: Callable  # compiled: (state, batch) -> (state, metrics); donates state
     eval_step: Callable  # compiled: (state, batch) -> scalar loss
     eval_batches: tuple  # the fixed validation set, already on the devices
-    tokens_per_step: int
-    flops_per_token: float
+    tokens_per_step: int  # what tokens_per_s counts per step (examples x the task's tokens per example)
+    flops_per_token: Optional[float]  # training FLOPs per counted token; None: no MFU
     peak_flops: Optional[float]  # of all devices together
     is_main: bool  # process 0: the one that writes files
-    byte_level: bool  # text corpus (prompts and samples are text), not token ids (data.is_byte_level)
+    backend: str  # what runs the matmuls on CPU, for the header ("" elsewhere)
 
-    def batch(self, step: int) -> dict:
+    @property
+    def baseline(self) -> Optional[float]:
+        return self.task.baseline
+
+    def batch(self, step: int) -> PyTree:
         """This process's rows of the training batch for ``step`` (host numpy)."""
         tc = self.cfg.train
-        return data.get_batch(self.corpus.train, seed=tc.seed, step=step, batch_size=tc.batch_size,
-                              block_size=self.cfg.model.block_size, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+        return tasks.local_batch(self.task, step, tc.batch_size, tc.seed)
 
-    def place(self, batch: dict) -> dict:
+    def place(self, batch: PyTree) -> PyTree:
         return parallel.place_batch(batch, self.mesh)
 
 
@@ -101,19 +103,8 @@ class Run:
 
 
 def state_factory(cfg: Config) -> Callable[[], TrainState]:
-    """A function building the initial :class:`TrainState` of ``cfg`` (call it under ``jax.jit``).
-
-    The optimizer is built once, outside, so every state it makes (abstract or
-    real) has the same static ``tx`` and thus the same pytree structure.
-    """
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-
-    def make_state() -> TrainState:
-        k_params, k_train = jax.random.split(jax.random.key(cfg.train.seed))
-        model = GPT(cfg.model, rngs=nnx.Rngs(params=k_params))
-        return TrainState.create(model, tx, rng=k_train)
-
-    return make_state
+    """A function building the initial :class:`TrainState` of ``cfg``'s task (call it under ``jax.jit``)."""
+    return tasks.state_factory(tasks.load(cfg, with_data=False), cfg)
 
 
 def run_path(cfg: Config) -> Path:
@@ -140,45 +131,68 @@ def _check_run_dir(run_dir: str) -> None:
                           "pass a directory path you can write to") from None
 
 
-def _check_devices(cfg: Config) -> None:
-    platform = jax.devices()[0].platform
-    if cfg.model.attention == "cudnn" and platform != "gpu":
-        raise ConfigError(f"model.attention='cudnn' needs NVIDIA GPUs but this run has {platform} devices; "
-                          "use model.attention=xla")
-    if cfg.model.matmul == "blas" and (why := blas.why_not(jnp.zeros((), cfg.model.dtype), devices=True)):
-        raise ConfigError(f"model.matmul='blas' cannot run here: {why}; use model.matmul=auto (the BLAS "
-                          "where it can run, else XLA) or model.matmul=xla")
+def configure_backend(cfg: Config) -> str:
+    """Turn the CPU kernels (:mod:`jaxtrain.cpu`) on or off as ``cfg.backend`` says; the header's words.
+
+    ``auto``: on where they can run (float32 on one CPU device with MKL); ``cpu``:
+    required (a :class:`ConfigError` says why they cannot run); ``xla``: off.
+    """
+    if jax.devices()[0].platform != "cpu":
+        if cfg.backend == "cpu":
+            raise ConfigError(f"backend='cpu' needs CPU devices but this run has {jax.devices()[0].platform} "
+                              "devices; use backend=auto")
+        return ""
+    try:
+        import jaxtrain.cpu as cpu_backend
+    except ImportError as e:  # a distribution without the backend
+        if cfg.backend == "cpu":
+            raise ConfigError(f"backend='cpu' cannot run here: {e}; use backend=auto or backend=xla") from None
+        return f"XLA ({e})"
+    if cfg.backend == "xla":
+        cpu_backend.disable()
+        return "XLA (backend=xla)"
+    on = cpu_backend.enable()
+    if cfg.backend == "cpu":
+        from jaxtrain.cpu import blas
+
+        if (why := blas.why_not(jnp.zeros((), cfg.model.dtype), devices=True)) is not None:
+            raise ConfigError(f"backend='cpu' cannot run here: {why}; use backend=auto (the CPU kernels where they "
+                              "can run, else XLA) or backend=xla")
+    return cpu_backend.describe(cfg.model.dtype) if on else cpu_backend.describe(cfg.model.dtype)
 
 
-def _abstract_batch(batch_size: int, block_size: int, mesh: Mesh) -> dict:
-    x = jax.ShapeDtypeStruct((batch_size, block_size), jnp.int32, sharding=parallel.batch_sharding(mesh))
-    return {"inputs": x, "targets": x}
+def _abstract(batch: PyTree, mesh: Mesh, rows: int) -> PyTree:
+    """Global shapes of a batch whose local block (this process's rows) is ``batch``, with the batch sharding."""
+    sharding = parallel.batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows, *np.shape(x)[1:]), np.asarray(x).dtype,
+                                                       sharding=sharding), batch)
 
 
-def _compile_steps(cfg: Config, mesh: Mesh, abstract_state: TrainState, shardings: PyTree):
+def _compile_steps(run_cfg: Config, task: Task, mesh: Mesh, abstract_state: TrainState, shardings: PyTree,
+                   first_batch: PyTree, eval_batch: Optional[PyTree]):
     """Ahead-of-time compiled ``(train_step, eval_step)``: a shape change would be an error, never a recompile."""
-    step_fn = functools.partial(train_step, grad_accum=cfg.train.grad_accum, diagnostics=cfg.train.diagnostics,
-                                max_grad_norm=cfg.optim.max_grad_norm)
+    tc = run_cfg.train
+    step_fn = functools.partial(train_step, loss_fn=task.loss_fn, grad_accum=tc.grad_accum,
+                                diagnostics=tc.diagnostics, max_grad_norm=run_cfg.optim.max_grad_norm)
     train = parallel.jit_train_step(step_fn, mesh, shardings)
-    evaluate = parallel.jit_eval_step(lambda s, b: eval_step(s, b)["loss"], mesh, shardings)
-    T = cfg.model.block_size
-    train = train.lower(abstract_state, _abstract_batch(cfg.train.batch_size, T, mesh)).compile()
-    eval_bs = cfg.train.batch_size // cfg.train.grad_accum  # a microbatch: fits wherever training fits
-    evaluate = evaluate.lower(abstract_state, _abstract_batch(eval_bs, T, mesh)).compile()
+    train = train.lower(abstract_state, _abstract(first_batch, mesh, tc.batch_size)).compile()
+    if eval_batch is None:
+        return train, None
+    evaluate = parallel.jit_eval_step(lambda s, b: eval_step(s, b, loss_fn=task.loss_fn)["loss"], mesh, shardings)
+    eval_bs = tc.batch_size // tc.grad_accum  # a microbatch: fits wherever training fits
+    evaluate = evaluate.lower(abstract_state, _abstract(eval_batch, mesh, eval_bs)).compile()
     return train, evaluate
 
 
-def _eval_batches(cfg: Config, corpus: data.Corpus, mesh: Mesh) -> tuple:
-    """The fixed validation set: ``eval_batches`` batches of ``batch_size`` rows, each evaluated in
-    ``grad_accum`` equal parts (the microbatch size, which fits wherever training fits). The rows do
-    not depend on ``grad_accum``, so neither does the validation loss."""
+def _eval_parts(cfg: Config, task: Task) -> list[PyTree]:
+    """The fixed validation set as host batches: the task's ``eval_batches`` of ``batch_size`` rows,
+    each evaluated in ``grad_accum`` equal parts (the microbatch size, which fits wherever training
+    fits). The rows do not depend on ``grad_accum``, so neither does the validation loss."""
     accum = cfg.train.grad_accum
-    batches = []
-    for i in range(cfg.train.eval_batches):
-        full = data.eval_batch(corpus.val, index=i, batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
-                               process_index=jax.process_index(), process_count=jax.process_count())
-        batches += [parallel.place_batch({k: v[part::accum] for k, v in full.items()}, mesh) for part in range(accum)]
-    return tuple(batches)
+    parts = []
+    for full in tasks.local_eval_batches(task, cfg.train.batch_size, cfg.train.seed):
+        parts += [jax.tree.map(lambda v: v[part::accum], full) for part in range(accum)]
+    return parts
 
 
 def setup(cfg: Config) -> Run:
@@ -190,77 +204,32 @@ def setup(cfg: Config) -> Run:
     missing on one host, say): the others with a :class:`ConfigError` quoting the
     failed process's error, instead of waiting for it in a collective.
     """
-    return _together(_setup, cfg)
-
-
-def _together(fn: Callable, *args):
-    """``fn(*args)`` in every process, or an error in every process when it raised in any of them.
-
-    Each process runs ``fn`` on its own, then all exchange one small array (their
-    error, if any) before anything collective follows, so a process that failed
-    never leaves the others waiting for it until JAX's coordination timeout.
-    """
-    error, out = None, None
-    try:
-        out = fn(*args)
-    except Exception as e:  # noqa: BLE001 - re-raised below, in this process and (quoted) in the others
-        error = e
-    if jax.process_count() > 1:
-        failed = _gather_errors(error)
-        if error is None and failed:
-            p, user, text = failed[0]
-            raise (ConfigError if user else RuntimeError)(f"process {p} stopped during setup: {text}")
-    if error is not None:
-        raise error
-    return out
-
-
-_ERROR_BYTES = 512  # of each process's error message that the others quote
-
-
-def _gather_errors(error: Optional[BaseException]) -> list[tuple[int, bool, str]]:
-    """``[(process, is_user_error, message)]`` of every process that failed; collective."""
-    from jax.experimental import multihost_utils
-
-    if len(set(collections.Counter(d.process_index for d in jax.devices()).values())) > 1:
-        return []  # an all-gather needs equal device counts; every process fails parallel.check_batch anyway
-    row = np.zeros(2 + _ERROR_BYTES, np.int32)
-    if error is not None:
-        text = (str(error).splitlines() or [type(error).__name__])[0].encode()[:_ERROR_BYTES]
-        row[0], row[1] = 1, isinstance(error, (ConfigError, data.DataError))
-        row[2:2 + len(text)] = np.frombuffer(text, np.uint8)
-    rows = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, row.size)
-    return [(p, bool(r[1]), bytes(r[2:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace"))
-            for p, r in enumerate(rows) if r[0]]
+    return parallel.together(_setup, cfg, user_errors=(ConfigError, data.DataError))
 
 
 def _setup(cfg: Config) -> Run:
     _check_run_dir(cfg.run_dir)
     checkpoint.check_resume(cfg)  # an incompatible run_dir fails before any compilation
-    corpus = data.load_corpus(cfg.data)
-    data.check_corpus(corpus, cfg.model.block_size, cfg.model.vocab_size)
-    byte_level = data.is_byte_level(cfg.data.source)
-    data.prompt_tokens(cfg.train.sample_prompt, byte_level=byte_level, vocab_size=cfg.model.vocab_size,
-                       key="train.sample_prompt")
-    _check_devices(cfg)
+    backend = configure_backend(cfg)
+    task = tasks.load(cfg)
     mesh = parallel.make_mesh(cfg.parallel)
-    parallel.check_batch(cfg, mesh)
-    make_state = state_factory(cfg)
+    parallel.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
+    make_state = tasks.state_factory(task, cfg)
     abstract = jax.eval_shape(make_state)
     shardings = parallel.state_shardings(mesh, abstract)
     abstract = checkpoint.with_shardings(abstract, mesh)
-    train, evaluate = _compile_steps(cfg, mesh, abstract, shardings)
-    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-    mc = cfg.model
+    first = tasks.local_batch(task, 0, cfg.train.batch_size, cfg.train.seed)
+    eval_parts = _eval_parts(cfg, task)
+    train, evaluate = _compile_steps(cfg, task, mesh, abstract, shardings, first,
+                                     eval_parts[0] if eval_parts else None)
+    tokens_per_example = max(int(task.tokens_per_example), 1)
+    flops = None if task.flops_per_example is None else task.flops_per_example / tokens_per_example
     return Run(
-        cfg=cfg, mesh=mesh, corpus=corpus, baseline=data.unigram_entropy(corpus.val),
-        abstract_state=abstract, make_state=make_state, train_step=train, eval_step=evaluate,
-        eval_batches=_eval_batches(cfg, corpus, mesh),
-        tokens_per_step=cfg.train.batch_size * mc.block_size,
-        flops_per_token=metrics.flops_per_token(n_params, mc.block_size * mc.n_embd, n_layer=mc.n_layer,
-                                                n_embd=mc.n_embd, block_size=mc.block_size),
+        cfg=cfg, mesh=mesh, task=task, abstract_state=abstract, make_state=make_state, train_step=train,
+        eval_step=evaluate, eval_batches=tuple(parallel.place_batch(b, mesh) for b in eval_parts),
+        tokens_per_step=cfg.train.batch_size * tokens_per_example, flops_per_token=flops,
         peak_flops=metrics.peak_flops(jax.devices(), cfg.log.peak_flops),
-        is_main=parallel.is_main_process(), byte_level=byte_level)
+        is_main=parallel.is_main_process(), backend=backend)
 
 
 def _initial_state(run: Run, mngr) -> tuple[TrainState, int, Optional[str]]:
@@ -290,23 +259,14 @@ def train(cfg: Config) -> Summary:
     mngr = checkpoint.manager(cfg.run_dir, cfg.checkpoint)
     try:
         state, start, resumed = _initial_state(run, mngr)
-        _compile_sampling(run, state)
+        if run.task.warm_up is not None:  # compile the sampler now, not inside the loop
+            run.task.warm_up(state)
         if run.is_main and start < cfg.train.steps:  # a finished run's files stay as they are
             run_path(cfg).mkdir(parents=True, exist_ok=True)
             (run_path(cfg) / CONFIG_FILE).write_text(to_yaml(cfg))
         return _loop(run, mngr, state, start, resumed, t0)
     finally:
         mngr.close()  # waits for an asynchronous save to commit
-
-
-def _compile_sampling(run: Run, state: TrainState) -> None:
-    """Compile the decoders the samples will use now, so no compilation happens inside the loop."""
-    tc = run.cfg.train
-    generate.sample_text(state, tc.sample_prompt, tokens=1, byte_level=run.byte_level)  # the KV-cache decoder or the window
-    prompt_len = len(data.prompt_tokens(tc.sample_prompt, byte_level=run.byte_level,
-                                        vocab_size=run.cfg.model.vocab_size))
-    if prompt_len + tc.sample_tokens > run.cfg.model.block_size:  # past block_size: the window
-        generate.sample_text(state, tc.sample_prompt, tokens=1, kv_cache=False, byte_level=run.byte_level)
 
 
 def _due(done: int, every: int, total: int) -> bool:
@@ -357,7 +317,7 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
                 log.write(row)  # the skipped steps stay counted in metrics.jsonl; no checkpoint
                 raise _nonfinite_stop(run, state, watch, mngr)
             # -- at-eval
-            if events["eval"]:
+            if events["eval"] and run.eval_batches:
                 val_loss = row["val_loss"] = evaluate(run, state)
             # -- at-sample
             if events["sample"]:
@@ -374,9 +334,10 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
                                         f"'{mngr.directory}'; run the same command again to resume")
             clock.start()
         # -- at-end
-        if val_loss is None:  # nothing ran (already at train.steps): report where the run stands, write nothing
+        if start >= tc.steps:  # nothing ran (already at train.steps): report where the run stands, write nothing
             val_loss, sample = evaluate(run, state), _sample(run, state, int(state.step), record=False)
-        log.echo(f"sample at step {int(state.step)}:\n{sample}")
+        if run.task.sample is not None:
+            log.echo(f"sample at step {int(state.step)}:\n{sample}")
     mngr.wait_until_finished()
     return _finish(run, state, start, val_loss, sample, clock.total, time.perf_counter() - t_loop, t0)
 
@@ -389,7 +350,7 @@ def _nonfinite_stop(run: Run, state: TrainState, watch: signals.NonFiniteWatch, 
     """
     first = watch.first_step  # steps completed after it; its batch index is first - 1
     why = signals.diagnose_nonfinite(state, run.place(run.batch(first - 1)), first - 1,
-                                     grad_accum=run.cfg.train.grad_accum)
+                                     loss_fn=run.task.loss_fn, grad_accum=run.cfg.train.grad_accum)
     last = mngr.latest_step()
     return signals.NonFiniteError(
         f"stopped after {watch.consecutive} consecutive non-finite steps (train.max_nonfinite="
@@ -397,20 +358,14 @@ def _nonfinite_stop(run: Run, state: TrainState, watch: signals.NonFiniteWatch, 
         f"checkpointed (last checkpoint: {'none' if last is None else f'step {last}'})")
 
 
-def _matmul_backend(cfg: Config) -> str:
-    if cfg.model.matmul == "xla":
-        return "XLA (model.matmul=xla)"
-    return blas.describe(cfg.model.dtype)
-
-
 def _announce(run: Run, log: metrics.MetricsLog, resumed: Optional[str]) -> None:
-    cfg, c = run.cfg, run.corpus
+    cfg = run.cfg
     n_params = sum(x.size for x in jax.tree.leaves(run.abstract_state.params))
-    log.echo(f"run_dir {cfg.run_dir} | GPT {n_params / 1e6:.2f}M params | corpus '{c.name}': "
-             f"{len(c.train):,} train / {len(c.val):,} val tokens, unigram entropy {run.baseline:.4f} | "
+    what = run.task.describe or f"task {run.task.name}: {n_params / 1e6:.2f}M params"
+    log.echo(f"run_dir {cfg.run_dir} | {what} | "
              f"mesh data={run.mesh.shape[parallel.DATA]} fsdp={run.mesh.shape[parallel.FSDP]} "
              f"on {jax.device_count()} {jax.devices()[0].platform} devices"
-             + (f" | matmuls {_matmul_backend(cfg)}" if jax.devices()[0].platform == "cpu" else ""))
+             + (f" | matmuls {run.backend}" if run.backend else ""))
     if resumed:
         log.echo(resumed)
 
@@ -433,15 +388,17 @@ def _row(run: Run, fetched: list[dict], seconds: float, done: int, t0: float) ->
     row.update(diagnostics.interval_stats(fetched))
     tps = len(fetched) * run.tokens_per_step / max(seconds, 1e-9)
     row["tokens_per_s"] = tps
-    mfu = metrics.mfu(tps, run.flops_per_token, run.peak_flops)
+    mfu = metrics.mfu(tps, run.flops_per_token, run.peak_flops) if run.flops_per_token else None
     if mfu is not None:
         row["mfu"] = mfu
     row["elapsed"] = time.perf_counter() - t0
     return row
 
 
-def evaluate(run: Run, state: TrainState) -> float:
-    """Mean loss over the fixed validation batches (all dispatched, then one fetch)."""
+def evaluate(run: Run, state: TrainState) -> Optional[float]:
+    """Mean loss over the fixed validation batches (all dispatched, then one fetch); None without any."""
+    if not run.eval_batches:
+        return None
     losses = [run.eval_step(state, b) for b in run.eval_batches]
     return float(np.mean(jax.device_get(losses)))
 
@@ -465,10 +422,9 @@ def _trim_samples(path: Path, start: int) -> None:
 
 def _sample(run: Run, state: TrainState, step: int, record: bool = True) -> str:
     """Generate the configured sample (every process: params may be sharded); process 0 appends it if ``record``."""
-    tc = run.cfg.train
-    text = generate.sample_text(state, tc.sample_prompt, tokens=tc.sample_tokens,
-                                temperature=tc.sample_temperature, top_k=tc.sample_top_k, seed=step,
-                                byte_level=run.byte_level)[0]
+    if run.task.sample is None:
+        return ""
+    text = run.task.sample(state, step)
     if run.is_main and record:
         with open(run_path(run.cfg) / SAMPLES_FILE, "a") as f:
             f.write(f"===== step {step} =====\n{text}\n\n")
@@ -481,12 +437,13 @@ def _finish(run: Run, state: TrainState, start: int, val_loss: float, sample: st
     steps = int(state.step)
     tps = (steps - start) * run.tokens_per_step / train_s if train_s > 0 else 0.0
     summary = Summary(steps=steps, val_loss=val_loss, baseline=run.baseline, tokens_per_s=tps,
-                      mfu=metrics.mfu(tps, run.flops_per_token, run.peak_flops), train_s=train_s,
+                      mfu=metrics.mfu(tps, run.flops_per_token, run.peak_flops) if run.flops_per_token else None,
+                      train_s=train_s,
                       loop_s=loop_s, wall_s=time.perf_counter() - t0, sample=sample)
     if run.is_main:
         if run.cfg.log.plot:
             rows = metrics.read_jsonl(run_path(run.cfg) / metrics.METRICS_FILE)
-            metrics.plot(rows, run_path(run.cfg) / metrics.PLOT_FILE, baseline=run.baseline)
+            plot.plot(rows, run_path(run.cfg) / plot.PLOT_FILE, baseline=run.baseline)
         print(metrics.summary_line(steps=steps, val_loss=summary.val_loss, baseline=summary.baseline,
                                    tokens_per_s=summary.tokens_per_s, mfu_=summary.mfu,
                                    train_s=summary.train_s, wall_s=summary.wall_s), flush=True)

@@ -1,0 +1,85 @@
+"""The built-in task: a GPT language model on ``data.source`` (``task=lm``, the default).
+
+Batches are ``{"inputs", "targets"}`` blocks of ``model.block_size`` tokens
+drawn from the corpus by :func:`jaxtrain.app.data.get_batch` (pure in seed,
+step and process); the loss is :func:`jaxtrain.lm_loss`; samples are text for a
+byte-level corpus and token ids otherwise.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxtrain.app import data, generate
+from jaxtrain.app.config import Config, ConfigError
+from jaxtrain.app.tasks import Task
+from jaxtrain.losses import lm_loss
+from jaxtrain.models.gpt import GPT
+
+
+def _check_devices(cfg: Config) -> None:
+    platform = jax.devices()[0].platform
+    if cfg.model.attention == "cudnn" and platform != "gpu":
+        raise ConfigError(f"model.attention='cudnn' needs NVIDIA GPUs but this run has {platform} devices; "
+                          "use model.attention=xla")
+
+
+def flops_per_token(cfg: Config) -> float:
+    """The GPT's training FLOPs per token (:meth:`GPT.flops_per_token`), from shapes only."""
+    model = nnx.eval_shape(lambda: GPT(cfg.model, rngs=nnx.Rngs(0)))
+    return model.flops_per_token()
+
+
+def language_model(cfg: Config, *, with_data: bool = True) -> Task:
+    """The GPT of ``cfg.model`` on the corpus of ``cfg.data``; ``with_data=False`` reads no corpus
+    (enough to restore and sample a checkpoint)."""
+    mc, tc = cfg.model, cfg.train
+    byte_level = data.is_byte_level(cfg.data.source)
+
+    def model(rngs: nnx.Rngs) -> GPT:
+        return GPT(mc, rngs=rngs)
+
+    def sample(state, step: int) -> str:
+        return generate.sample_text(state, tc.sample_prompt, tokens=tc.sample_tokens,
+                                    temperature=tc.sample_temperature, top_k=tc.sample_top_k, seed=step,
+                                    byte_level=byte_level)[0]
+
+    def warm_up(state) -> None:  # compile the decoders the samples will use, before the loop
+        generate.sample_text(state, tc.sample_prompt, tokens=1, byte_level=byte_level)
+        prompt_len = len(data.prompt_tokens(tc.sample_prompt, byte_level=byte_level, vocab_size=mc.vocab_size))
+        if prompt_len + tc.sample_tokens > mc.block_size:  # past block_size: the sliding window
+            generate.sample_text(state, tc.sample_prompt, tokens=1, kv_cache=False, byte_level=byte_level)
+
+    base = dict(name="GPT", model=model, loss_fn=lm_loss, sample=sample, warm_up=warm_up,
+                tokens_per_example=mc.block_size)
+    if not with_data:
+        return Task(batch=_no_data, **base)
+    corpus = data.load_corpus(cfg.data)
+    data.check_corpus(corpus, mc.block_size, mc.vocab_size)
+    data.prompt_tokens(tc.sample_prompt, byte_level=byte_level, vocab_size=mc.vocab_size, key="train.sample_prompt")
+    _check_devices(cfg)
+
+    def local_batch(step: int, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
+        return data.get_batch(corpus.train, seed=seed, step=step, batch_size=batch_size, block_size=mc.block_size,
+                              process_index=process_index, process_count=process_count)
+
+    def local_eval_batches(batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
+        # a fixed set, independent of the training seed
+        return [data.eval_batch(corpus.val, index=i, batch_size=batch_size, block_size=mc.block_size,
+                                process_index=process_index, process_count=process_count)
+                for i in range(tc.eval_batches)]
+
+    baseline = data.unigram_entropy(corpus.val)
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: model(nnx.Rngs(0))),
+                                                                nnx.Param)))
+    describe = (f"GPT {n_params / 1e6:.2f}M params | corpus '{corpus.name}': {len(corpus.train):,} train / "
+                f"{len(corpus.val):,} val tokens, unigram entropy {baseline:.4f}")
+    return Task(batch=local_batch, local_batch=local_batch,
+                eval_batches=local_eval_batches, local_eval_batches=local_eval_batches,
+                flops_per_example=flops_per_token(cfg) * mc.block_size, baseline=baseline,
+                describe=describe, **base)
+
+
+def _no_data(step: int, batch_size: int, seed: int):
+    raise RuntimeError("this language-model task was built without data (with_data=False)")

@@ -1,0 +1,89 @@
+"""The opt-in CPU backend: MKL matmuls, fused attention / GELU / LayerNorm and a fused clip + AdamW.
+
+Nothing here is imported by the core. Research code turns it on with one call,
+before compiling its step::
+
+    import jaxtrain.cpu
+    jaxtrain.cpu.enable()          # registers with jaxtrain.ops and jaxtrain.optim
+
+and the command line does so itself (``backend=auto``, the default) where it can
+run. It takes float32 work in a process with one CPU device and leaves
+everything else (bfloat16, several devices, GPUs) to plain XLA, op by op. It
+needs Intel MKL (``pip install -e ".[cpu]"``) and a C++ compiler: the kernels
+in ``_cpu_kernels.cc`` are compiled on first use and cached. The results are
+the plain ops' and optax's to float rounding.
+
+- :mod:`jaxtrain.cpu.blas`: MKL sgemm as an XLA FFI call; builds and loads the kernels.
+- :mod:`jaxtrain.cpu.kernels`: fused causal attention, bias + GELU, LayerNorm.
+- :mod:`jaxtrain.cpu.adamw`: ``make_optimizer``'s clip + AdamW in one in-place pass per parameter.
+- :mod:`jaxtrain.cpu.ops`: the implementations registered with :mod:`jaxtrain.ops`.
+- :mod:`jaxtrain.cpu.process`: glibc ``malloc`` settings for XLA:CPU's scratch memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = ["enable", "disable", "is_enabled", "status", "describe"]
+
+_enabled = False
+
+
+def status() -> tuple[bool, str]:
+    """``(True, path of the BLAS)`` if the kernels can run in this process, else ``(False, why not)``."""
+    from jaxtrain.cpu import blas
+
+    return blas.status()
+
+
+def enable(*, require: bool = False) -> bool:
+    """Register the CPU implementations with :mod:`jaxtrain.ops` and the fused AdamW with
+    :mod:`jaxtrain.optim`; True if the kernels can run here.
+
+    Where they cannot (no MKL, no compiler, not a CPU backend, ``JAXTRAIN_BLAS=off``)
+    nothing is registered and False is returned, or with ``require=True`` a
+    ``RuntimeError`` says why. Steps compiled before this call keep what they traced.
+    """
+    global _enabled
+    from jaxtrain import ops, optim
+    from jaxtrain.cpu import adamw, blas
+    from jaxtrain.cpu import ops as cpu_ops
+
+    ok, why = blas.status()
+    if not ok:
+        if require:
+            raise RuntimeError(f"the CPU backend cannot run here: {why}")
+        return False
+    for name, impl in cpu_ops.IMPLEMENTATIONS.items():
+        ops.register(name, impl)
+    optim.register_update(adamw.fused_update)
+    _enabled = True
+    return True
+
+
+def disable() -> None:
+    """Back to plain XLA ops and optax's update (for steps traced afterwards)."""
+    global _enabled
+    from jaxtrain import ops, optim
+    from jaxtrain.cpu import ops as cpu_ops
+
+    for name in cpu_ops.IMPLEMENTATIONS:
+        ops.unregister(name)
+    optim.register_update(None)
+    _enabled = False
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def describe(dtype: str = "float32") -> Optional[str]:
+    """What runs a float32 model's matmuls in this process, for a run's header: ``MKL`` or ``XLA (why)``."""
+    if not _enabled:
+        from jaxtrain.cpu import blas
+
+        ok, why = blas.status()
+        return "XLA (the CPU backend is off: backend=xla)" if ok else f"XLA ({why})"
+    from jaxtrain.cpu import blas
+
+    return blas.describe(dtype)

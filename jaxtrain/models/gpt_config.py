@@ -1,0 +1,22 @@
+"""The GPT's settings, in a module of their own so that reading a config needs no JAX."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["GPTConfig"]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 256  # tokens in the vocabulary (256 for the byte tokenizer)
+    block_size: int = 256  # longest context the model sees
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # residual stream width
+    dropout: float = 0.0  # dropout rate on attention and residual paths
+    bias: bool = True  # biases in Linear and LayerNorm layers, like GPT-2
+    tie_embeddings: bool = True  # lm_head shares the token embedding matrix
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+    remat: bool = False  # recompute each block in the backward to save memory
+    attention: str = "xla"  # attention implementation: xla (written out) | cudnn (NVIDIA GPUs)
