@@ -1,6 +1,6 @@
 """What checkpointing costs the training loop: blocking time of an async save, save/restore MB/s.
 
-Uses the run loop's own compiled step and state (:func:`jaxtrain.loop.setup`) on a
+Uses the run loop's own compiled step and state (:func:`jaxtrain.app.loop.setup`) on a
 config (default: ``configs/default.yaml``) and measures, in alternating rounds so
 a machine that speeds up or slows down affects both alike:
 
@@ -31,9 +31,9 @@ from pathlib import Path
 import jax
 
 from bench_loop import bare_round as steps_round, state_and_batches  # benchmarks/ is on sys.path
-from jaxtrain import checkpoint
-from jaxtrain import config as config_lib
-from jaxtrain import loop
+from jaxtrain.app import checkpoint
+from jaxtrain.app import config as config_lib
+from jaxtrain.app import loop
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxtrain import config, diagnostics, make_optimizer, train_step
+from jaxtrain import diagnostics, make_optimizer, train_step
+from jaxtrain.app import config
 from jaxtrain.models import GPT
 from jaxtrain.state import TrainState
 

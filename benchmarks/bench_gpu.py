@@ -41,8 +41,9 @@ import numpy as np
 from flax import nnx
 
 from jaxtrain import TrainState, make_optimizer, train_step
-from jaxtrain.config import ModelConfig, OptimConfig
-from jaxtrain.metrics import device_peak_flops
+from jaxtrain.models import GPTConfig as ModelConfig
+from jaxtrain.optim import OptimConfig
+from jaxtrain.app.writers import device_peak_flops
 from jaxtrain.models import GPT
 
 GPT2_124M = dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)

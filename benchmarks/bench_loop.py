@@ -1,10 +1,10 @@
-"""What the run loop costs: tokens/s of ``jaxtrain.loop.train`` against ``train_step`` alone.
+"""What the run loop costs: tokens/s of ``jaxtrain.app.loop.train`` against ``train_step`` alone.
 
 Both sides run the same compiled step of the same config in one process, in
 alternating rounds (loop, bare, loop, bare, ...), so a machine that speeds up or
 slows down during the benchmark affects both alike:
 
-- **bare**: the AOT-compiled step from :func:`jaxtrain.loop.setup` called back
+- **bare**: the AOT-compiled step from :func:`jaxtrain.app.loop.setup` called back
   to back on a few batches already on the device; one sync at the end.
 - **loop**: a full ``loop.train`` run into a fresh run directory, with the
   config's logging, evaluation, sampling, checkpoints, TensorBoard and plot.
@@ -39,8 +39,9 @@ from pathlib import Path
 
 import jax
 
-from jaxtrain import config as config_lib
-from jaxtrain import loop, perf
+from jaxtrain.app import config as config_lib
+from jaxtrain.app import loop
+from jaxtrain.app import compile_cache as perf
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -42,10 +42,10 @@ def worker(args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
 
-    from jaxtrain import config as config_lib
+    from jaxtrain.app import config as config_lib
     from jaxtrain import parallel
-    from jaxtrain.config import ParallelConfig
-    from jaxtrain.loop import state_factory
+    from jaxtrain.app.config import ParallelConfig
+    from jaxtrain.app.loop import state_factory
     from jaxtrain.step import train_step
 
     cfg = config_lib.load(args.config, [f"train.batch_size={args.batch}", *args.overrides])

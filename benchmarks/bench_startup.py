@@ -6,7 +6,7 @@ the cache empty (cold), then with the entries the first run wrote (warm). The
 clock starts just before the process is spawned and stops when
 ``metrics.jsonl`` holds the row of step 1 (the loop logs every step here, and a
 row is written only after its step has finished on the device). For
-reference it also times ``python -c "import jaxtrain.loop"`` (interpreter +
+reference it also times ``python -c "import jaxtrain.app.loop"`` (interpreter +
 imports alone). Reports medians.
 
 Usage::
@@ -57,7 +57,7 @@ def time_to_first_step(config: str, run_dir: Path, cache_dir: Path, timeout: flo
 
 def import_time() -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import jaxtrain.loop"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-c", "import jaxtrain.app.loop"], cwd=ROOT, check=True)
     return time.perf_counter() - t0
 
 
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
           f"{', '.join(f'{x:.1f}' for x in cold)})\n"
           f"  time to first step, warm compilation cache  {out['warm_s']:5.1f} s  (all: "
           f"{', '.join(f'{x:.1f}' for x in warm)})\n"
-          f"  of which interpreter + imports (import jaxtrain.loop)  {out['import_s']:.1f} s")
+          f"  of which interpreter + imports (import jaxtrain.app.loop)  {out['import_s']:.1f} s")
     return out
 
 

@@ -104,7 +104,7 @@ def _jaxtrain_side(size: Size, matmul: str = "auto"):
     from flax import nnx
 
     from jaxtrain import TrainState, make_optimizer, train_step
-    from jaxtrain.config import OptimConfig
+    from jaxtrain import OptimConfig
     from jaxtrain.models import GPT, GPTConfig
 
     model = GPT(GPTConfig(vocab_size=size.vocab, block_size=size.block, n_layer=size.n_layer,
@@ -127,7 +127,7 @@ def _jaxtrain_side(size: Size, matmul: str = "auto"):
         jax.block_until_ready((s, metrics))
         holder[0] = s
 
-    from jaxtrain import blas
+    from jaxtrain.cpu import blas
 
     return run, compile_s, {"flops_per_token": flops, "matmuls": "XLA" if matmul == "xla" else blas.describe()}
 
@@ -233,7 +233,7 @@ def worker(side: str, size: Size, warmup: int, matmul_n: int) -> None:
     if side.startswith("jaxtrain"):
         # jaxtrain's process setting (perf.configure, applied by `python -m jaxtrain.run`) that
         # must come before XLA starts its threads; the compilation cache stays off here.
-        from jaxtrain import perf
+        from jaxtrain.app import compile_cache as perf
 
         perf.keep_freed_memory()
     import numpy  # noqa: F401  (the framework imports come first, so the RSS baseline includes them)

@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from jaxtrain import TrainState, lm_loss, make_optimizer, train_step
-from jaxtrain.config import ModelConfig, OptimConfig
+from jaxtrain.models import GPTConfig as ModelConfig
+from jaxtrain.optim import OptimConfig
 from jaxtrain.models import GPT
 
 SIZE = dict(vocab_size=50304, block_size=1024, n_layer=2, n_head=12, n_embd=768)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain import TrainState, eval_step, make_optimizer, train_step
-from jaxtrain.config import OptimConfig
+from jaxtrain import OptimConfig
 
 
 class MLP(nnx.Module):

@@ -17,20 +17,23 @@ _EXPORTS = {
     "TrainState": "jaxtrain.state",
     "train_step": "jaxtrain.step",
     "eval_step": "jaxtrain.step",
-    "lm_loss": "jaxtrain.step",
-    "check_tokens": "jaxtrain.step",
+    "lm_loss": "jaxtrain.losses",
+    "check_tokens": "jaxtrain.losses",
     "make_optimizer": "jaxtrain.optim",
     "make_schedule": "jaxtrain.optim",
     "decay_mask": "jaxtrain.optim",
+    "OptimConfig": "jaxtrain.optim_config",
 }
 
 __all__ = ["TrainState", "train_step", "eval_step", "lm_loss", "check_tokens", "make_optimizer",
-           "make_schedule", "decay_mask", "__version__"]  # == _EXPORTS + __version__ (tested)
+           "make_schedule", "decay_mask", "OptimConfig", "__version__"]  # == _EXPORTS + __version__ (tested)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from jaxtrain.optim import decay_mask, make_optimizer, make_schedule
+    from jaxtrain.optim_config import OptimConfig
     from jaxtrain.state import TrainState
-    from jaxtrain.step import check_tokens, eval_step, lm_loss, train_step
+    from jaxtrain.losses import check_tokens, lm_loss
+    from jaxtrain.step import eval_step, train_step
 
 
 def __getattr__(name: str):

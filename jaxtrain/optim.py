@@ -25,7 +25,7 @@ from jaxtrain.errors import ConfigError
 from jaxtrain.optim_config import SCHEDULES, OptimConfig, validate_optim
 
 __all__ = ["OptimConfig", "SCHEDULES", "validate_optim", "make_optimizer", "make_schedule", "decay_mask",
-           "ClipAdamW", "current_lr", "apply_update", "optax_update", "register_update"]
+           "ClipAdamW", "current_lr", "apply_update", "optax_update", "register_update", "registered_update"]
 
 PyTree = Any
 
@@ -192,6 +192,11 @@ def register_update(impl: Optional[Callable]) -> None:
     if impl is not _update_impl:
         _update_impl = impl
         jax.clear_caches()
+
+
+def registered_update() -> Optional[Callable]:
+    """The update registered with :func:`register_update`, or None."""
+    return _update_impl
 
 
 def optax_update(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyTree, params: PyTree,

@@ -1,10 +1,18 @@
 """Test harness: CPU only, with 8 fake devices for sharding tests.
 
-XLA_FLAGS must be set before jax is imported anywhere in the process.
+XLA_FLAGS must be set before jax is imported anywhere in the process. The
+folders mirror the package: ``core/`` (what research code imports), ``app/``
+(the command line's modules), ``cpu/`` (the opt-in CPU backend) and ``e2e/``
+(whole runs in subprocesses). Tests marked ``slow`` are left out of the fast
+tier, ``python -m pytest -m "not slow"``.
 """
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark_modules, for every test folder

@@ -36,13 +36,17 @@ def status() -> tuple[bool, str]:
     return blas.status()
 
 
-def enable(*, require: bool = False) -> bool:
+def enable(*, require: bool = False, all_devices: bool = False) -> bool:
     """Register the CPU implementations with :mod:`jaxtrain.ops` and the fused AdamW with
     :mod:`jaxtrain.optim`; True if the kernels can run here.
 
     Where they cannot (no MKL, no compiler, not a CPU backend, ``JAXTRAIN_BLAS=off``)
     nothing is registered and False is returned, or with ``require=True`` a
-    ``RuntimeError`` says why. Steps compiled before this call keep what they traced.
+    ``RuntimeError`` says why. The kernels take float32 work in a process with one
+    device; ``all_devices=True`` runs them with several too (each call then gathers
+    its operands onto every device: for tests, or one-device work in a
+    multi-device process). Registering clears JAX's in-memory compilation caches,
+    so jitted functions trace again with the kernels.
     """
     global _enabled
     from jaxtrain import ops, optim
@@ -54,6 +58,9 @@ def enable(*, require: bool = False) -> bool:
         if require:
             raise RuntimeError(f"the CPU backend cannot run here: {why}")
         return False
+    if cpu_ops.all_devices() != all_devices:
+        cpu_ops.set_all_devices(all_devices)
+        _clear_caches()
     for name, impl in cpu_ops.IMPLEMENTATIONS.items():
         ops.register(name, impl)
     optim.register_update(adamw.fused_update)
@@ -65,12 +72,22 @@ def disable() -> None:
     """Back to plain XLA ops and optax's update (for steps traced afterwards)."""
     global _enabled
     from jaxtrain import ops, optim
+    from jaxtrain.cpu import adamw
     from jaxtrain.cpu import ops as cpu_ops
 
     for name in cpu_ops.IMPLEMENTATIONS:
-        ops.unregister(name)
-    optim.register_update(None)
+        if ops.registered().get(name) is cpu_ops.IMPLEMENTATIONS[name]:
+            ops.unregister(name)
+    if optim.registered_update() is adamw.fused_update:
+        optim.register_update(None)
+    cpu_ops.set_all_devices(False)
     _enabled = False
+
+
+def _clear_caches() -> None:
+    import jax
+
+    jax.clear_caches()
 
 
 def is_enabled() -> bool:

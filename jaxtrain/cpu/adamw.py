@@ -67,7 +67,9 @@ def _plan(tx, params: PyTree, grads: PyTree) -> tuple[Optional[str], Optional[Py
     dtypes = sorted({str(x.dtype) for x in leaves} - {"float32"})
     if dtypes:
         return f"the fused AdamW kernel takes float32 params and gradients, not {', '.join(dtypes)}", None
-    reason = blas.why_not(*leaves, devices=tx.fused is None)
+    from jaxtrain.cpu import ops as cpu_ops
+
+    reason = blas.why_not(*leaves, devices=tx.fused is None and not cpu_ops.all_devices())
     return reason, None if reason else flags
 
 

@@ -23,8 +23,22 @@ import jax.numpy as jnp
 from jaxtrain.cpu import blas, kernels
 
 
+# True: the kernels run also in a process with several devices (each custom call then gathers its
+# operands onto every device): for tests and for single-device work in a multi-device process.
+_all_devices = False
+
+
+def set_all_devices(on: bool) -> None:
+    global _all_devices
+    _all_devices = bool(on)
+
+
+def all_devices() -> bool:
+    return _all_devices
+
+
 def _takes(*arrays) -> bool:
-    return blas.why_not(*(a for a in arrays if a is not None), devices=True) is None
+    return blas.why_not(*(a for a in arrays if a is not None), devices=not _all_devices) is None
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], *, gelu: bool):

@@ -28,9 +28,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxtrain import TrainState, data, lm_loss, make_optimizer, train_step
+from jaxtrain import TrainState, lm_loss, make_optimizer, train_step
+from jaxtrain.app import data
 from jaxtrain import diagnostics as diag
-from jaxtrain.config import DataConfig, ModelConfig, OptimConfig
+from jaxtrain.app.config import DataConfig, ModelConfig, OptimConfig
 from jaxtrain.models import GPT
 
 DOCS = os.environ.get("JAXTRAIN_DOCS")  # set by notebooks/build.py to refresh the README's figures

@@ -11,10 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import jaxtrain.cpu as cpu_backend
 from flax import nnx
 
-from jaxtrain import TrainState, blas, make_optimizer, train_step
-from jaxtrain.config import OptimConfig
+from jaxtrain import TrainState, make_optimizer, train_step
+from jaxtrain.cpu import blas
+from jaxtrain import OptimConfig
 from jaxtrain.models import GPT, GPTConfig
 
 ON, WHY = blas.status()
@@ -118,8 +121,8 @@ def test_shape_errors_name_the_shapes():
         blas.matmul(jnp.ones((3,)), jnp.ones((3, 2)))
 
 
-def _model(matmul, **kw):
-    cfg = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32, matmul=matmul, **kw)
+def _model(**kw):
+    cfg = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32, **kw)
     return GPT(cfg, rngs=nnx.Rngs(0))
 
 
@@ -131,16 +134,23 @@ def test_gpt_train_steps_match_the_xla_path(kw):
     x = np.random.default_rng(1).integers(0, 61, (3, 17))
     batch = {"inputs": jnp.asarray(x[:, :-1], jnp.int32), "targets": jnp.asarray(x[:, 1:], jnp.int32)}
     results = {}
-    for matmul in ("blas", "xla"):
-        state = TrainState.create(_model(matmul, **kw), tx, rng=0)
-        step = jax.jit(train_step)
-        hlo = step.lower(state, batch).as_text()
-        assert ("jaxtrain_blas_gemm" in hlo) == (matmul == "blas")
-        history = []
-        for _ in range(3):
-            state, m = step(state, batch)
-            history.append((float(m["loss"]), float(m["grad_norm"])))
-        results[matmul] = (history, jax.tree.leaves(state.params))
+    try:
+        for matmul in ("blas", "xla"):
+            if matmul == "blas":
+                cpu_backend.enable(all_devices=True)  # this process has 8 devices
+            else:
+                cpu_backend.disable()
+            state = TrainState.create(_model(**kw), tx, rng=0)
+            step = jax.jit(train_step)
+            hlo = step.lower(state, batch).as_text()
+            assert ("jaxtrain_blas_gemm" in hlo) == (matmul == "blas")
+            history = []
+            for _ in range(3):
+                state, m = step(state, batch)
+                history.append((float(m["loss"]), float(m["grad_norm"])))
+            results[matmul] = (history, jax.tree.leaves(state.params))
+    finally:
+        cpu_backend.enable()
     np.testing.assert_allclose(results["blas"][0], results["xla"][0], rtol=1e-5)
     # Adam divides by sqrt(v): a rounding-level gradient difference on a near-zero
     # gradient moves that parameter by up to ~lr, so compare at a tenth of lr.
@@ -149,14 +159,16 @@ def test_gpt_train_steps_match_the_xla_path(kw):
 
 
 @needs_blas
-def test_gpt_matmul_blas_refuses_bfloat16_and_auto_picks_blas_for_float32_on_one_device():
+def test_gpt_takes_the_kernels_for_float32_on_one_device_and_xla_for_bfloat16(all_devices):
     tokens = jnp.zeros((1, 8), jnp.int32)
-    with pytest.raises(RuntimeError, match="model.matmul='blas'.*not bfloat16"):
-        _model("blas", dtype="bfloat16")(tokens)
+    hlo = nnx.jit(lambda m, t: m(t)).lower(_model(dtype="bfloat16"), tokens).as_text()
+    assert "jaxtrain_" not in hlo  # the backend declines bfloat16 op by op
     code = """
         import jax, jax.numpy as jnp
         from flax import nnx
+        import jaxtrain.cpu
         from jaxtrain.models import GPT, GPTConfig
+        assert jaxtrain.cpu.enable()
         tokens = jnp.zeros((1, 8), jnp.int32)
         for dtype in ("float32", "bfloat16"):
             model = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=1, n_head=2, n_embd=32, dtype=dtype),
@@ -180,7 +192,7 @@ def _python(code: str, env: dict) -> subprocess.CompletedProcess:
 def test_turned_off_or_missing_library_falls_back_with_the_reason():
     code = """
         import jax.numpy as jnp
-        from jaxtrain import blas
+        from jaxtrain.cpu import blas
         ok, why = blas.status()
         print(ok, why)
         assert not ok
@@ -207,7 +219,7 @@ def test_auto_takes_the_blas_path_on_one_device_only():
     assert "this process has 8" in blas.describe()
     code = """
         import jax, jax.numpy as jnp
-        from jaxtrain import blas
+        from jaxtrain.cpu import blas
         x = jnp.ones((4, 4))
         assert jax.device_count() == 1 and blas.enabled(x), blas.status()
         assert "jaxtrain_blas_gemm" in jax.jit(blas.matmul).lower(x, x).as_text()
@@ -222,7 +234,7 @@ def test_auto_takes_the_blas_path_on_one_device_only():
 def test_handler_is_rebuilt_into_an_empty_cache(tmp_path):
     code = """
         import jax, jax.numpy as jnp, numpy as np
-        from jaxtrain import blas
+        from jaxtrain.cpu import blas
         assert blas.status()[0], blas.status()
         a = jnp.arange(12.0).reshape(3, 4)
         np.testing.assert_allclose(jax.jit(blas.matmul)(a, a.T), np.asarray(a) @ np.asarray(a).T)
@@ -237,7 +249,7 @@ def test_unwritable_build_directory_falls_back_and_names_it(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     code = """
-        from jaxtrain import blas
+        from jaxtrain.cpu import blas
         print(blas.status())
     """
     r = _python(code, {"JAXTRAIN_EXT_CACHE": str(blocker / "ext")})
@@ -249,8 +261,8 @@ def test_unwritable_build_directory_falls_back_and_names_it(tmp_path):
 @needs_blas
 def test_cli_run_on_one_device_trains_with_mkl(tmp_path):
     """The real command on one CPU device: the header names MKL and the tiny config learns."""
-    root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-m", "jaxtrain.run", "--config", str(root / "configs" / "tiny.yaml"),
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "jaxtrain.run", "--config", str(root / "jaxtrain" / "configs" / "tiny.yaml"),
                         f"run_dir={tmp_path / 'run'}", "log.progress=false"], capture_output=True, text=True,
                        cwd=root, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from jaxtrain import config, run
-from jaxtrain.config import ConfigError
+from jaxtrain.app import config
+from jaxtrain.app import cli as run
+from jaxtrain.app.config import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "jaxtrain" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -20,9 +21,9 @@ def test_shipped_configs_load_and_only_set_known_keys(path):
 
 
 def test_shipped_configs_have_expected_shapes():
-    tiny = config.load(ROOT / "configs/tiny.yaml")
+    tiny = config.load(ROOT / "jaxtrain/configs/tiny.yaml")
     assert (tiny.model.n_layer, tiny.model.n_embd, tiny.model.block_size, tiny.train.batch_size) == (2, 64, 64, 8)
-    gpt2 = config.load(ROOT / "configs/gpt2-124m.yaml")
+    gpt2 = config.load(ROOT / "jaxtrain/configs/gpt2-124m.yaml")
     m = gpt2.model
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dtype, m.attention) == (
         12, 12, 768, 1024, "bfloat16", "cudnn")
@@ -35,7 +36,7 @@ def test_no_arguments_use_default_yaml():
 
 
 def test_overrides_apply_after_file_with_types():
-    cfg = run.load_config(["--config", str(ROOT / "configs/tiny.yaml"), "train.steps=7", "optim.lr=1e-4",
+    cfg = run.load_config(["--config", str(ROOT / "jaxtrain/configs/tiny.yaml"), "train.steps=7", "optim.lr=1e-4",
                            "model.bias=false", "run_dir=/tmp/x", "log.peak_flops=1e12"])
     assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
     assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
@@ -84,7 +85,7 @@ def test_config_is_frozen():
     ("train.seed=-1", ["train.seed=-1", "[0, 2**32)"]),
 ])
 def test_bad_overrides_raise_one_line_naming_the_key(override, needles):
-    args = ["--config", str(ROOT / "configs/tiny.yaml"), override]
+    args = ["--config", str(ROOT / "jaxtrain/configs/tiny.yaml"), override]
     if override.startswith("train.batch_size"):
         args.insert(-1, "train.grad_accum=4")
     with pytest.raises(ConfigError) as e:
@@ -112,15 +113,15 @@ def test_unknown_option_is_a_config_error():
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
-    cfg = run.load_config(["--config", str(ROOT / "configs/gpt2-124m.yaml"), "train.steps=3"])
+    cfg = run.load_config(["--config", str(ROOT / "jaxtrain/configs/gpt2-124m.yaml"), "train.steps=3"])
     (tmp_path / "config.yaml").write_text(config.to_yaml(cfg))
     assert config.load(tmp_path / "config.yaml") == cfg
 
 
 def test_help_lists_every_key_with_its_default(capsys):
-    assert run.main(["--help"]) == 0
+    assert run.run(["--help"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: python -m jaxtrain.run")
+    assert out.startswith("usage: jaxtrain run")
     for key in config.all_keys():
         line = next((l for l in out.splitlines() if l.split() and l.split()[0] == key), None)
         assert line is not None, key
@@ -132,9 +133,9 @@ def test_builtin_defaults_are_the_default_config():
     # next to the package (e.g. a non-editable install): both must be one run.
     from pathlib import Path
 
-    from jaxtrain import config
+    from jaxtrain.app import config
 
-    shipped = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+    shipped = Path(__file__).resolve().parents[2] / "jaxtrain" / "configs" / "default.yaml"
     assert config.load(None) == config.load(shipped)
 
 
@@ -150,3 +151,19 @@ def test_text_overrides_are_taken_as_written_and_a_bad_interpolation_names_its_k
     assert config.load(tmp_path / "c.yaml", ["train.sample_prompt=ok"]).train.steps == 10  # YAML interpolates
     with pytest.raises(config.ConfigError, match=r"'train.sample_prompt' in the config .*'nope' not found.*literal"):
         config.load(tmp_path / "c.yaml")
+
+
+def test_packaged_configs_load_by_name_and_by_path():
+    assert "tiny" in config.config_names() and "default" in config.config_names()
+    by_name = config.load("tiny")
+    assert by_name == config.load(ROOT / "jaxtrain" / "configs" / "tiny.yaml") == config.load("tiny.yaml")
+    with pytest.raises(ConfigError, match="'nope' does not exist; give a YAML file or one of the packaged configs: .*tiny"):
+        config.load("nope")
+
+
+def test_the_jaxtrain_command_dispatches_and_names_an_unknown_command(capsys):
+    assert run.main(["--help"]) == 0
+    assert "run " in capsys.readouterr().out
+    assert run.main(["trian"]) == run.EXIT_USER_ERROR
+    assert "unknown command 'trian'; the commands are run and generate" in capsys.readouterr().err
+    assert run.main(["run", "--help"]) == 0 and capsys.readouterr().out.startswith("usage: jaxtrain run")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "jaxtrain" / "configs" / "tiny.yaml"
 STEPS, SPLIT = 40, 20
 DEVICES_PER_PROCESS = 2  # with 2 processes: 4 devices, the data axis spans both processes
 TIMEOUT_S = 360  # per launch; compiling on a loaded 2-core machine takes most of it
@@ -182,7 +182,7 @@ def test_sigterm_keeps_its_handler_across_distributed_initialize(tmp_path, handl
         "import os, signal, sys, time\n"
         + handler
         + "from jaxtrain import parallel\n"
-        "from jaxtrain.config import ParallelConfig\n"
+        "from jaxtrain.app.config import ParallelConfig\n"
         f"parallel.initialize(ParallelConfig(coordinator_address='127.0.0.1:{_free_port()}', "
         "num_processes=1, process_id=0))\n"
         "assert parallel.jax.distributed.is_initialized()\n"

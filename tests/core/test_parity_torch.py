@@ -40,7 +40,7 @@ import torch
 from flax import nnx
 
 from jaxtrain import TrainState, make_optimizer, train_step
-from jaxtrain.config import OptimConfig
+from jaxtrain import OptimConfig
 from jaxtrain.models import GPT, GPTConfig, from_torch_state_dict, to_torch_state_dict
 from benchmark_modules import load_benchmark
 

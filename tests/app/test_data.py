@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from jaxtrain import data
-from jaxtrain.config import DataConfig
-from jaxtrain.data import DataError
+from jaxtrain.app import data
+from jaxtrain.app.config import DataConfig
+from jaxtrain.app.data import DataError
 
 
 def cfg(tmp_path, **kw) -> DataConfig:

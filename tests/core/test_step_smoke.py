@@ -2,7 +2,7 @@ import jax
 from flax import nnx
 
 from jaxtrain import TrainState, make_optimizer, train_step
-from jaxtrain.config import OptimConfig
+from jaxtrain import OptimConfig
 from jaxtrain.models import GPT, GPTConfig
 
 

@@ -4,10 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import jaxtrain.cpu as cpu_backend
 from flax import nnx
 
-from jaxtrain import TrainState, blas, fused, make_optimizer, train_step
-from jaxtrain.config import OptimConfig
+from jaxtrain import TrainState, make_optimizer, train_step
+from jaxtrain.cpu import blas
+from jaxtrain.cpu import kernels as fused
+from jaxtrain import OptimConfig
 from jaxtrain.models import GPT, GPTConfig
 
 ON, WHY = blas.status()
@@ -166,8 +170,12 @@ def test_errors_and_fallbacks_name_the_problem():
     assert "bfloat16" in fused.why_not(x16)
 
 
-def _gpt_targets(matmul, dropout=0.0):
-    model = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32, matmul=matmul,
+def _gpt_targets(backend, dropout=0.0):
+    if backend == "off":
+        cpu_backend.disable()
+    else:
+        cpu_backend.enable(all_devices=backend == "all devices")
+    model = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32,
                           dropout=dropout), rngs=nnx.Rngs(0))
     state = TrainState.create(model, make_optimizer(OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0)), rng=0)
     batch = {"inputs": jnp.zeros((2, 16), jnp.int32), "targets": jnp.zeros((2, 16), jnp.int32)}
@@ -178,14 +186,17 @@ def _gpt_targets(matmul, dropout=0.0):
 
 @needs_kernels
 def test_gpt_train_step_uses_the_kernels_where_they_apply():
-    # model.matmul=blas: the tests' process has 8 devices, where auto picks XLA
-    used = _gpt_targets("blas")
-    assert used == {**dict.fromkeys(used, 2), "jaxtrain_layer_norm_fwd": 5, "jaxtrain_layer_norm_bwd": 5}
-    # (one attention and GELU per layer; two LayerNorms per layer and the final one)
-    assert set(_gpt_targets("xla").values()) == set(_gpt_targets("auto").values()) == {0}
-    # attention dropout is not in the kernel: a training step with dropout keeps XLA's attention
-    with_dropout = _gpt_targets("blas", dropout=0.1)
-    assert with_dropout["jaxtrain_attention_fwd"] == 0 and with_dropout["jaxtrain_gelu_fwd"] == 2
+    try:
+        # the tests' process has 8 devices, where the backend declines unless told to take them all
+        used = _gpt_targets("all devices")
+        assert used == {**dict.fromkeys(used, 2), "jaxtrain_layer_norm_fwd": 5, "jaxtrain_layer_norm_bwd": 5}
+        # (one attention and GELU per layer; two LayerNorms per layer and the final one)
+        assert set(_gpt_targets("off").values()) == set(_gpt_targets("one device").values()) == {0}
+        # attention dropout is not in the kernel: a training step with dropout keeps XLA's attention
+        with_dropout = _gpt_targets("all devices", dropout=0.1)
+        assert with_dropout["jaxtrain_attention_fwd"] == 0 and with_dropout["jaxtrain_gelu_fwd"] == 2
+    finally:
+        cpu_backend.enable(all_devices=False)
 
 
 def _second_order(f, *args):

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxtrain import TrainState, decay_mask, make_optimizer, make_schedule, train_step
-from jaxtrain.config import OptimConfig
+from jaxtrain import OptimConfig
 from jaxtrain.models import GPT, GPTConfig
 
 TINY = GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False)

@@ -12,10 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtrain import checkpoint, config, generate, metrics, run
+from jaxtrain.app import checkpoint
+from jaxtrain.app import config
+from jaxtrain.app import generate
+from jaxtrain.app import writers as metrics
+from jaxtrain.app import cli as run
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "jaxtrain" / "configs" / "tiny.yaml"
 QUIET = ["log.progress=false"]
 
 
@@ -60,7 +64,7 @@ def test_tiny_run_learns_and_writes_its_run_dir(tiny_run):
     baseline = float(summary.split("unigram baseline ")[1].split(")")[0])
     assert 3.0 < baseline < 3.4 and val[40] < baseline  # learned more than byte frequencies
 
-    assert (run_dir / metrics.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run_dir / metrics.TB_DIR).glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "40").is_dir()
     samples = (run_dir / "samples.txt").read_text()
@@ -126,7 +130,7 @@ def test_bad_input_fails_in_one_line_and_leaves_the_run_dir_alone(case, tiny_run
     assert r.returncode == 0
     make_overrides, words = BAD_INPUTS[case]
     before = _snapshot(run_dir)
-    status = run.main(["--config", str(TINY), f"run_dir={run_dir}", *QUIET, *make_overrides(tmp_path)])
+    status = run.run(["--config", str(TINY), f"run_dir={run_dir}", *QUIET, *make_overrides(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == run.EXIT_USER_ERROR
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -141,7 +145,7 @@ def test_rerunning_a_finished_run_reports_it_and_rewrites_nothing(tiny_run, caps
     kept = ("config.yaml", "samples.txt", "metrics.jsonl")
     before = {name: (run_dir / name).read_bytes() for name in kept}
     events = sorted((run_dir / "tb").iterdir())
-    assert run.main(["--config", str(TINY), f"run_dir={run_dir}", *QUIET, "train.sample_tokens=7"]) == 0
+    assert run.run(["--config", str(TINY), f"run_dir={run_dir}", *QUIET, "train.sample_tokens=7"]) == 0
     out = capsys.readouterr().out
     assert "resuming from step 40" in out and _summary(out).startswith("done: 40 steps")
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
@@ -154,7 +158,7 @@ def test_resuming_from_an_older_checkpoint_cuts_samples_back_like_metrics(tiny_r
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     (copy / "checkpoints" / "40" / "meta" / "metadata").unlink()  # the newest step is unreadable: resume at 20
-    assert run.main(["--config", str(TINY), f"run_dir={copy}", *QUIET]) == 0
+    assert run.run(["--config", str(TINY), f"run_dir={copy}", *QUIET]) == 0
     assert "resuming from step 20" in capsys.readouterr().out
     samples = (copy / "samples.txt").read_text()
     assert [int(n) for n in re.findall(r"^===== step (\d+) =====$", samples, re.M)] == [20, 40]
@@ -166,7 +170,7 @@ def test_resuming_from_an_older_checkpoint_cuts_samples_back_like_metrics(tiny_r
 def test_a_run_dir_under_home_keeps_every_file_in_one_place(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    assert run.main(["--config", str(TINY), "run_dir=~/runs/t", *QUIET, "train.steps=2", "train.eval_batches=1",
+    assert run.run(["--config", str(TINY), "run_dir=~/runs/t", *QUIET, "train.steps=2", "train.eval_batches=1",
                      "train.sample_tokens=2", "log.tensorboard=false"]) == 0
     assert not (tmp_path / "~").exists()
     assert {p.name for p in (tmp_path / "home" / "runs" / "t").iterdir()} >= {
@@ -175,7 +179,7 @@ def test_a_run_dir_under_home_keeps_every_file_in_one_place(tmp_path, monkeypatc
 
 def test_failing_run_creates_no_run_dir(tmp_path, capsys):
     for overrides in (["optim.lrr=1"], [f"data.source={tmp_path}/missing.txt"]):
-        assert run.main(["--config", str(TINY), f"run_dir={tmp_path}/new", *QUIET, *overrides]) != 0
+        assert run.run(["--config", str(TINY), f"run_dir={tmp_path}/new", *QUIET, *overrides]) != 0
     assert not (tmp_path / "new").exists()
     assert len(capsys.readouterr().err.strip().splitlines()) == 2
 
@@ -248,11 +252,11 @@ def test_a_token_id_corpus_samples_token_ids_and_takes_an_id_prompt(tmp_path, ca
     base = ["--config", str(TINY), f"data.source={tmp_path / 'tok.bin'}", "model.vocab_size=512", *QUIET,
             "train.steps=2", "train.eval_batches=1", "train.sample_tokens=5", "log.tensorboard=false"]
     # The default prompt is text: refused before anything is written, naming the key and the form it needs
-    assert run.main([*base, f"run_dir={tmp_path / 'r0'}"]) == run.EXIT_USER_ERROR
+    assert run.run([*base, f"run_dir={tmp_path / 'r0'}"]) == run.EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: train.sample_prompt='def ': data.source holds token ids") and "\n" not in err
     assert not (tmp_path / "r0").exists()
-    assert run.main([*base, f"run_dir={tmp_path / 'r1'}", "train.sample_prompt=511 3"]) == 0
+    assert run.run([*base, f"run_dir={tmp_path / 'r1'}", "train.sample_prompt=511 3"]) == 0
     sample = (tmp_path / "r1" / "samples.txt").read_text().split("=====\n")[1].strip()
     words = sample.split()
     assert words[:2] == ["511", "3"] and len(words) == 7 and all(0 <= int(w) < 512 for w in words)
@@ -266,7 +270,7 @@ def test_a_token_id_corpus_samples_token_ids_and_takes_an_id_prompt(tmp_path, ca
 
 
 def test_the_validation_loss_does_not_depend_on_grad_accum(tmp_path):
-    from jaxtrain import loop
+    from jaxtrain.app import loop
 
     losses = []
     for accum in (1, 4):

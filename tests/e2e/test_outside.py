@@ -15,9 +15,9 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jaxtrain import TrainState, eval_step, make_optimizer, train_step
-from jaxtrain.config import OptimConfig
+from jaxtrain import OptimConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _BatchNormNet(nnx.Module):
@@ -116,11 +116,11 @@ def test_compute_dtype_bfloat16_computes_in_bfloat16_for_a_float_input_model():
     ("", ["train=3"], "'train' in command-line overrides must be a mapping of train.* keys"),
 ])
 def test_config_mistakes_name_the_key_on_one_line(tmp_path, capsys, yaml_text, overrides, expected):
-    from jaxtrain import run
+    from jaxtrain.app import cli as run
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml_text)
-    assert run.main(["--config", str(path), f"run_dir={tmp_path / 'run'}", *overrides]) == run.EXIT_USER_ERROR
+    assert run.run(["--config", str(path), f"run_dir={tmp_path / 'run'}", *overrides]) == run.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert expected.format(path=path) in err
@@ -128,14 +128,14 @@ def test_config_mistakes_name_the_key_on_one_line(tmp_path, capsys, yaml_text, o
 
 
 def test_a_directory_as_config_is_named_as_a_directory(tmp_path, capsys):
-    from jaxtrain import run
+    from jaxtrain.app import cli as run
 
-    assert run.main(["--config", str(tmp_path)]) == run.EXIT_USER_ERROR
+    assert run.run(["--config", str(tmp_path)]) == run.EXIT_USER_ERROR
     assert f"config file '{tmp_path}' is a directory" in capsys.readouterr().err
 
 
 def test_text_overrides_need_no_yaml_quoting():
-    from jaxtrain import config
+    from jaxtrain.app import config
 
     cfg = config.load("configs/tiny.yaml", ["data.glob=*.md", "train.sample_prompt=def f(x):",
                                             "data.val_source=", "run_dir='runs/a b'", "train.steps=7"])
@@ -148,10 +148,10 @@ def test_text_overrides_need_no_yaml_quoting():
 
 @pytest.mark.parametrize("name", ["a" * 300, "x/" + "b" * 300])
 def test_a_run_dir_the_os_refuses_is_a_one_line_error(tmp_path, capsys, name):
-    from jaxtrain import run
+    from jaxtrain.app import cli as run
 
     before = sorted(tmp_path.iterdir())
-    assert run.main(["--config", "configs/tiny.yaml", f"run_dir={tmp_path / name}"]) == run.EXIT_USER_ERROR
+    assert run.run(["--config", "configs/tiny.yaml", f"run_dir={tmp_path / name}"]) == run.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot create a directory there (File name too long)" in err, err
     assert sorted(tmp_path.iterdir()) == before  # the probe left nothing behind
@@ -159,12 +159,12 @@ def test_a_run_dir_the_os_refuses_is_a_one_line_error(tmp_path, capsys, name):
 
 @pytest.mark.parametrize("below", ["", "x/y"])
 def test_a_file_in_the_run_dir_path_is_a_one_line_error_and_stays_untouched(tmp_path, capsys, below):
-    from jaxtrain import run
+    from jaxtrain.app import cli as run
 
     blocker = tmp_path / "afile"
     blocker.write_text("keep me")
     run_dir = blocker / below if below else blocker
-    assert run.main(["--config", "configs/tiny.yaml", f"run_dir={run_dir}"]) == run.EXIT_USER_ERROR
+    assert run.run(["--config", "configs/tiny.yaml", f"run_dir={run_dir}"]) == run.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"'{blocker}' is a file, not a directory" in err
     assert blocker.read_text() == "keep me"
@@ -179,7 +179,7 @@ def test_a_file_in_the_run_dir_path_is_a_one_line_error_and_stays_untouched(tmp_
     (["--tokens", "abc"], "error: argument --tokens: invalid int value: 'abc'"),
 ])
 def test_generate_flag_mistakes_are_one_line_naming_the_flag(tmp_path, capsys, argv, expected):
-    from jaxtrain import generate
+    from jaxtrain.app import generate
 
     try:
         code = generate.main(["--run-dir", str(tmp_path), *argv])
@@ -191,15 +191,16 @@ def test_generate_flag_mistakes_are_one_line_naming_the_flag(tmp_path, capsys, a
 
 
 def test_config_flag_without_a_file_is_one_line(capsys):
-    from jaxtrain import run
+    from jaxtrain.app import cli as run
 
-    assert run.main(["--config"]) == run.EXIT_USER_ERROR
+    assert run.run(["--config"]) == run.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err == "error: argument --config: expected one argument; see python -m jaxtrain.run --help\n"
 
 
 def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
-    from jaxtrain import loop, run
+    from jaxtrain.app import loop
+    from jaxtrain.app import cli as run
 
     def interrupted(cfg):
         raise KeyboardInterrupt
@@ -213,7 +214,7 @@ def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(monkeypatch, capsys, tm
     monkeypatch.setattr(loop, "train", interrupted)
     monkeypatch.setattr(run.os, "_exit", fake_exit)
     with pytest.raises(Exited) as e:
-        run.main(["--config", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}"])
+        run.run(["--config", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}"])
     assert e.value.args == (130,)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("interrupted: stopped outside the training loop")
@@ -289,9 +290,9 @@ def test_num_params_works_on_a_shape_only_model():
 
 
 def test_an_empty_config_flag_value_is_one_line(capsys):
-    from jaxtrain import run
+    from jaxtrain.app import cli as run
 
-    assert run.main(["--config="]) == run.EXIT_USER_ERROR
+    assert run.run(["--config="]) == run.EXIT_USER_ERROR
     assert capsys.readouterr().err == ("error: --config got an empty value; give a YAML file, "
                                        "e.g. --config configs/tiny.yaml\n")
 

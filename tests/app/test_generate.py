@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxtrain import data, generate
+from jaxtrain.app import data
+from jaxtrain.app import generate
 from jaxtrain.models import GPT
 from jaxtrain.models.gpt import GPTConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 16
 
 

@@ -1,4 +1,4 @@
-"""jaxtrain.perf.keep_freed_memory: XLA's per-execution scratch memory is reused, not page-faulted in again."""
+"""jaxtrain.cpu.process.keep_freed_memory: XLA's per-execution scratch memory is reused, not page-faulted in again."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ import pytest
 # later, to 0.5-1.5 GB), so the probe warms up for 30 calls and reports the median of the next 15.
 PROBE = """
     import resource, sys
-    from jaxtrain import perf
+    from jaxtrain.cpu import process as perf
     applied = perf.keep_freed_memory() if sys.argv[1] == "on" else False
     import jax, jax.numpy as jnp
     x, v = jnp.ones((4096, 4096)), jnp.ones((4096, 8))  # 64 MB, 128 kB

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxtrain import TrainState, check_tokens, eval_step, lm_loss, make_optimizer, train_step
-from jaxtrain.config import OptimConfig
+from jaxtrain import OptimConfig
 from jaxtrain.models import GPT, GPTConfig
 
 TINY = GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16, bias=False)
@@ -309,7 +309,7 @@ def test_compute_dtype_on_the_gpt_with_its_cpu_kernels():
         import functools, jax, jax.numpy as jnp, numpy as np
         from flax import nnx
         from jaxtrain import TrainState, make_optimizer, train_step
-        from jaxtrain.config import OptimConfig
+        from jaxtrain import OptimConfig
         from jaxtrain.models import GPT, GPTConfig
         cfg = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32)
         tx = make_optimizer(OptimConfig(schedule="constant", warmup_steps=0))

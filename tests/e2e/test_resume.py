@@ -23,12 +23,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtrain import checkpoint
-from jaxtrain.signals import PREEMPTED_EXIT_CODE
+from jaxtrain.app import checkpoint
+from jaxtrain.app.preempt import PREEMPTED_EXIT_CODE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 24
-ARGS = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"train.steps={STEPS}", "train.log_every=1",
+ARGS = ["--config", str(ROOT / "jaxtrain" / "configs" / "tiny.yaml"), f"train.steps={STEPS}", "train.log_every=1",
         "train.eval_every=0", "train.eval_batches=1", "train.sample_every=0", "train.sample_tokens=1",
         "checkpoint.every=3", "checkpoint.keep=3", "log.progress=false", "log.plot=false",
         "log.tensorboard=false"]

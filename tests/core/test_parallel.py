@@ -20,8 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtrain import TrainState, make_optimizer, train_step
 from jaxtrain import parallel as par
-from jaxtrain.config import Config, ConfigError, OptimConfig, ParallelConfig, TrainConfig, replace
-from jaxtrain.data import encode, get_batch
+from jaxtrain.app.config import ConfigError, OptimConfig, ParallelConfig
+from jaxtrain.app.data import encode, get_batch
 from jaxtrain.models import GPT, GPTConfig
 
 STEPS, BATCH, BLOCK = 20, 16, 16
@@ -218,13 +218,12 @@ def test_mesh_that_does_not_fit_names_the_numbers(data, fsdp, needle):
                                             (12, 1, False), (16, 4, False), (8, 2, False)])
 def test_check_batch(batch, accum, ok):
     mesh = par.make_mesh(ParallelConfig())
-    cfg = replace(Config(), train=TrainConfig(batch_size=batch, grad_accum=accum))
     if ok:
-        par.check_batch(cfg, mesh)
+        par.check_batch(batch, accum, mesh)
     else:
         with pytest.raises(ConfigError, match=rf"train.batch_size={batch} must be divisible by devices x "
                                               rf"grad_accum = 8 x {accum} = {8 * accum}"):
-            par.check_batch(cfg, mesh)
+            par.check_batch(batch, accum, mesh)
 
 
 # ---------------------------------------------------------------- initialize

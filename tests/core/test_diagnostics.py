@@ -12,9 +12,12 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxtrain import TrainState, config, loop, make_optimizer, metrics, train_step
+from jaxtrain import TrainState, make_optimizer, train_step
+from jaxtrain.app import config
+from jaxtrain.app import loop
+from jaxtrain.app import writers as metrics
 from jaxtrain import diagnostics as diag
-from jaxtrain.config import OptimConfig
+from jaxtrain import OptimConfig
 from jaxtrain.models import GPT, GPTConfig
 
 CFG = GPTConfig(n_layer=2, n_embd=16, n_head=2, block_size=8)
@@ -235,7 +238,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_run_logs_and_plots_diagnostics(tmp_path):
-    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    tiny = Path(__file__).resolve().parents[2] / "jaxtrain" / "configs" / "tiny.yaml"
     cfg = config.load(tiny, [
         f"run_dir={tmp_path}", "train.diagnostics=true", "train.steps=6", "train.log_every=3", "train.eval_every=0",
         "train.eval_batches=1", "train.sample_tokens=4", "train.batch_size=8", "model.block_size=32",
@@ -254,4 +257,4 @@ def test_run_logs_and_plots_diagnostics(tmp_path):
                     f"update_ratio/h.{i}.mlp"} <= set(r)
     events = b"".join(f.read_bytes() for f in (tmp_path / metrics.TB_DIR).glob("events.out.tfevents.*"))
     assert b"grad_norm/h.1.attn" in events and b"train/clip_frac" in events
-    assert _png_size(tmp_path / metrics.PLOT_FILE)[1] == 800  # two rows of panels: the diagnostics are drawn
+    assert _png_size(tmp_path / "plot.png")[1] == 800  # two rows of panels: the diagnostics are drawn

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from benchmark_modules import load_benchmark
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 bench_step = load_benchmark("bench_step")
@@ -77,7 +77,7 @@ def test_first_step_of_a_cold_start_fills_the_compilation_cache(tmp_path):
 
 
 def test_compilation_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    from jaxtrain import perf
+    from jaxtrain.app import compile_cache as perf
 
     monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path / "c"))
     assert perf.compilation_cache_dir() == tmp_path / "c"
