@@ -54,7 +54,7 @@ def dir_bytes(path: Path) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--config", default="default")
     p.add_argument("--steps", type=int, default=10, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="rounds of (steps, save, restore)")
     p.add_argument("overrides", nargs="*", help="config key=value")

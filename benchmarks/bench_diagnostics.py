@@ -45,7 +45,7 @@ def _seconds_per_step(step, state, batch, steps: int) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    ap.add_argument("--config", default="default")
     ap.add_argument("--rounds", type=int, default=6, help="alternating off/on timing rounds")
     ap.add_argument("--steps", type=int, default=5, help="steps per timing round")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=8")

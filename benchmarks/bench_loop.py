@@ -41,7 +41,7 @@ import jax
 
 from jaxtrain.app import config as config_lib
 from jaxtrain.app import loop
-from jaxtrain.app import compile_cache as perf
+from jaxtrain.cpu import process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def host_config(cfg: config_lib.Config, steps: int) -> config_lib.Config:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--config", default="default")
     p.add_argument("--steps", type=int, default=200, help="steps per round")
     p.add_argument("--rounds", type=int, default=2, help="rounds of (loop, bare)")
     p.add_argument("--host-steps", type=int, default=0,
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     p.add_argument("--host-rounds", type=int, default=6, help="rounds of (loop, bare) for --host-steps")
     p.add_argument("overrides", nargs="*", help="config key=value")
     args = p.parse_args(argv)
-    perf.keep_freed_memory()  # as `python -m jaxtrain.run` does (perf.configure), for both sides
+    process.keep_freed_memory()  # as `jaxtrain run` does on CPUs (jaxtrain.cpu.process), for both sides
     cfg = config_lib.load(args.config, [f"train.steps={args.steps}", "log.progress=false", *args.overrides])
     tokens = args.steps * cfg.train.batch_size * cfg.model.block_size
 

@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> dict:
     devices = jax.devices()[:n]
     pcfg = ParallelConfig(fsdp=n) if args.layout == "fsdp" else ParallelConfig(data=n)
     mesh = parallel.make_mesh(pcfg, devices)
-    parallel.check_batch(cfg, mesh)
+    parallel.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     state, shardings = parallel.init_state(state_factory(cfg), mesh)
     step = parallel.jit_train_step(functools.partial(train_step, grad_accum=cfg.train.grad_accum), mesh, shardings)
     rng = np.random.default_rng(0)
@@ -112,7 +112,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--layout", choices=["data", "fsdp"], default="data", help="which mesh axis gets the devices")
-    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--config", default="default")
     p.add_argument("--batch", type=int, default=16, help="global batch (sequences), the same for every count")
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows per worker (median reported)")

@@ -103,12 +103,14 @@ def _jaxtrain_side(size: Size, matmul: str = "auto"):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxtrain import TrainState, make_optimizer, train_step
-    from jaxtrain import OptimConfig
+    import jaxtrain.cpu
+    from jaxtrain import OptimConfig, TrainState, make_optimizer, train_step
     from jaxtrain.models import GPT, GPTConfig
 
+    if matmul != "xla":
+        jaxtrain.cpu.enable()  # what `jaxtrain run` does with backend=auto
     model = GPT(GPTConfig(vocab_size=size.vocab, block_size=size.block, n_layer=size.n_layer,
-                          n_head=size.n_head, n_embd=size.n_embd, matmul=matmul), rngs=nnx.Rngs(0))
+                          n_head=size.n_head, n_embd=size.n_embd), rngs=nnx.Rngs(0))
     flops = model.flops_per_token()
     tx = make_optimizer(OptimConfig(lr=size.lr, schedule="constant", warmup_steps=0, b1=0.9, b2=0.95,
                                     eps=1e-8, weight_decay=0.1, max_grad_norm=1.0))
@@ -127,9 +129,7 @@ def _jaxtrain_side(size: Size, matmul: str = "auto"):
         jax.block_until_ready((s, metrics))
         holder[0] = s
 
-    from jaxtrain.cpu import blas
-
-    return run, compile_s, {"flops_per_token": flops, "matmuls": "XLA" if matmul == "xla" else blas.describe()}
+    return run, compile_s, {"flops_per_token": flops, "matmuls": "XLA" if matmul == "xla" else jaxtrain.cpu.describe()}
 
 
 def _jax_side(size: Size):
@@ -217,7 +217,7 @@ def _make_side(side: str, size: Size):
     match side:
         case "jaxtrain":
             return _jaxtrain_side(size)
-        case "jaxtrain-xla":  # the same step with XLA's own dots instead of MKL's (model.matmul=xla)
+        case "jaxtrain-xla":  # the same step without the CPU backend (backend=xla)
             return _jaxtrain_side(size, matmul="xla")
         case "jax":
             return _jax_side(size)
@@ -231,11 +231,11 @@ def _make_side(side: str, size: Size):
 def worker(side: str, size: Size, warmup: int, matmul_n: int) -> None:
     """Serve commands on stdin: ``run N`` (time N steps), ``peak`` (matmul GFLOP/s), ``quit``."""
     if side.startswith("jaxtrain"):
-        # jaxtrain's process setting (perf.configure, applied by `python -m jaxtrain.run`) that
-        # must come before XLA starts its threads; the compilation cache stays off here.
-        from jaxtrain.app import compile_cache as perf
+        # the CPU backend's process setting (jaxtrain.cpu.process, applied by `jaxtrain run` on CPUs)
+        # that must come before XLA starts its threads; the compilation cache stays off here.
+        from jaxtrain.cpu import process
 
-        perf.keep_freed_memory()
+        process.keep_freed_memory()
     import numpy  # noqa: F401  (the framework imports come first, so the RSS baseline includes them)
 
     if side.startswith("torch"):

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain import TrainState, eval_step, make_optimizer, train_step
-from jaxtrain import OptimConfig
 
 
 class MLP(nnx.Module):
@@ -24,7 +23,7 @@ def loss_fn(model, batch, rng):  # -> (scalar loss, dict of extra metrics)
 
 x = jnp.linspace(-3, 3, 256)[:, None]
 batch = {"x": x, "y": jnp.sin(x)}
-tx = make_optimizer(OptimConfig(lr=1e-2, schedule="cosine", warmup_steps=20), total_steps=400)
+tx = make_optimizer(lr=1e-2, schedule="cosine", warmup_steps=20, total_steps=400)
 state = TrainState.create(MLP(nnx.Rngs(0)), tx)
 step = jax.jit(functools.partial(train_step, loss_fn=loss_fn), donate_argnums=0)
 for i in range(400):

@@ -52,7 +52,7 @@ def language_model(cfg: Config, *, with_data: bool = True) -> Task:
             generate.sample_text(state, tc.sample_prompt, tokens=1, kv_cache=False, byte_level=byte_level)
 
     base = dict(name="GPT", model=model, loss_fn=lm_loss, sample=sample, warm_up=warm_up,
-                tokens_per_example=mc.block_size)
+                tokens_per_example=mc.block_size, unit="token")
     if not with_data:
         return Task(batch=_no_data, **base)
     corpus = data.load_corpus(cfg.data)

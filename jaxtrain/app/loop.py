@@ -446,5 +446,5 @@ def _finish(run: Run, state: TrainState, start: int, val_loss: float, sample: st
             plot.plot(rows, run_path(run.cfg) / plot.PLOT_FILE, baseline=run.baseline)
         print(metrics.summary_line(steps=steps, val_loss=summary.val_loss, baseline=summary.baseline,
                                    tokens_per_s=summary.tokens_per_s, mfu_=summary.mfu,
-                                   train_s=summary.train_s, wall_s=summary.wall_s), flush=True)
+                                   train_s=summary.train_s, wall_s=summary.wall_s, unit=run.task.unit), flush=True)
     return summary

@@ -67,8 +67,9 @@ class Task:
       flops_per_example: training FLOPs (forward + backward) per example, for MFU.
       tokens_per_example: what one example counts in ``tokens_per_s`` (a language
         model's block size; 1 for other tasks, whose rate is then examples per second).
+      unit: what ``tokens_per_s`` counts, for the summary line: ``"token"`` or ``"example"``.
       baseline: a reference loss drawn in the plot (the unigram entropy of a corpus).
-      describe: the header's words about the model and data.
+      describe: the header's words about the model and data (default: the name and parameter count).
     """
 
     name: str
@@ -82,6 +83,7 @@ class Task:
     warm_up: Optional[Callable[[TrainState], None]] = None
     flops_per_example: Optional[float] = None
     tokens_per_example: int = 1
+    unit: str = "example"
     baseline: Optional[float] = None
     describe: str = ""
 
@@ -166,8 +168,7 @@ def from_module(spec: str, cfg: Config) -> Task:
         flops = flops()
     return Task(name=Path(target).stem if target.endswith(".py") else target, model=module.model,
                 loss_fn=module.loss, batch=module.batch, eval_batches=getattr(module, "eval_batches", None),
-                flops_per_example=None if flops is None else float(flops),
-                describe=f"task {target}")
+                flops_per_example=None if flops is None else float(flops))
 
 
 def _takes_argument(fn: Callable) -> bool:

@@ -105,12 +105,13 @@ def fmt_mfu(x: Optional[float]) -> str:
 
 
 def summary_line(*, steps: int, val_loss: Optional[float], baseline: Optional[float], tokens_per_s: float,
-                 mfu_: Optional[float], train_s: float, wall_s: float) -> str:
-    """The one line printed at the end of a run."""
+                 mfu_: Optional[float], train_s: float, wall_s: float, unit: str = "token") -> str:
+    """The one line printed at the end of a run; ``unit`` is what the rate counts (``token`` or ``example``)."""
     val = "n/a" if val_loss is None else f"{val_loss:.4f}"
+    per = " nats/token" if unit == "token" else ""
     base = "" if baseline is None else f" (unigram baseline {baseline:.4f})"
-    return (f"done: {steps} steps | final val loss {val} nats/token{base} | "
-            f"{fmt_rate(tokens_per_s)} tokens/s | MFU {fmt_mfu(mfu_)} | "
+    return (f"done: {steps} steps | final val loss {val}{per}{base} | "
+            f"{fmt_rate(tokens_per_s)} {unit}s/s | MFU {fmt_mfu(mfu_)} | "
             f"training {fmt_duration(train_s)}, wall {fmt_duration(wall_s)}")
 
 
