@@ -186,10 +186,17 @@ def _section_names() -> list[tuple[str, str]]:
     return [(prefix[:-1], prefix + dataclasses.fields(cls)[0].name) for cls, prefix in _sections() if prefix]
 
 
+# Keys of earlier versions: what to write instead.
+_REPLACED = {"model.matmul": "the CPU kernels are chosen by the top-level key backend (model.matmul=auto -> "
+                             "backend=auto, blas -> backend=cpu, xla -> backend=xla)"}
+
+
 def _error_from(e: Exception, origin: str, layer: Any = None) -> ConfigError:
     key = getattr(e, "full_key", None) or "?"
     if isinstance(e, (oc_errors.ConfigAttributeError, oc_errors.ConfigKeyError)):
         key = _written_key(layer, key)
+        if key in _REPLACED:
+            return ConfigError(f"config key '{key}' in {origin} was replaced: {_REPLACED[key]}")
         return ConfigError(f"unknown config key '{key}' in {origin}{_suggest(key)}")
     if isinstance(e, oc_errors.ValidationError):
         msg = str(e).splitlines()[0]

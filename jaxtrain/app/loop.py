@@ -151,14 +151,14 @@ def configure_backend(cfg: Config) -> str:
     if cfg.backend == "xla":
         cpu_backend.disable()
         return "XLA (backend=xla)"
-    on = cpu_backend.enable()
+    cpu_backend.enable()
     if cfg.backend == "cpu":
         from jaxtrain.cpu import blas
 
         if (why := blas.why_not(jnp.zeros((), cfg.model.dtype), devices=True)) is not None:
             raise ConfigError(f"backend='cpu' cannot run here: {why}; use backend=auto (the CPU kernels where they "
                               "can run, else XLA) or backend=xla")
-    return cpu_backend.describe(cfg.model.dtype) if on else cpu_backend.describe(cfg.model.dtype)
+    return cpu_backend.describe(cfg.model.dtype)
 
 
 def _abstract(batch: PyTree, mesh: Mesh, rows: int) -> PyTree:

@@ -94,13 +94,11 @@ def is_enabled() -> bool:
     return _enabled
 
 
-def describe(dtype: str = "float32") -> Optional[str]:
-    """What runs a float32 model's matmuls in this process, for a run's header: ``MKL`` or ``XLA (why)``."""
-    if not _enabled:
-        from jaxtrain.cpu import blas
-
-        ok, why = blas.status()
-        return "XLA (the CPU backend is off: backend=xla)" if ok else f"XLA ({why})"
+def describe(dtype: str = "float32") -> str:
+    """What runs a ``dtype`` model's matmuls in this process, for a run's header: ``MKL`` or ``XLA (why)``."""
     from jaxtrain.cpu import blas
 
+    if not _enabled:
+        ok, why = blas.status()
+        return "XLA (the CPU backend is not enabled)" if ok else f"XLA ({why})"
     return blas.describe(dtype)

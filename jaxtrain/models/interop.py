@@ -4,8 +4,8 @@ This module is the one place that knows how the two parameter layouts map onto
 each other: the tables below list every nanoGPT key, the jaxtrain path it
 maps to, and how the array is laid out on each side (a ``Layout``). If the
 GPT's parameter layout changes (names, fused or stacked weights), change the
-tables, ``Layout``s and ``_table`` here, and keep ``tests/test_interop.py`` and
-``tests/test_parity_torch.py`` green.
+tables, ``Layout``s and ``_table`` here, and keep ``tests/core/test_interop.py`` and
+``tests/core/test_parity_torch.py`` green.
 
 Example::
 

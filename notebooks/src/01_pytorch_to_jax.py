@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from jaxtrain import TrainState, lm_loss, make_optimizer, train_step
-from jaxtrain import OptimConfig
+from jaxtrain import OptimConfig, TrainState, lm_loss, make_optimizer, train_step
 from jaxtrain.models import GPT, GPTConfig, from_torch_state_dict, to_torch_state_dict
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()

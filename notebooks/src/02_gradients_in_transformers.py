@@ -28,11 +28,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxtrain import TrainState, lm_loss, make_optimizer, train_step
-from jaxtrain.app import data
+from jaxtrain import OptimConfig, TrainState, lm_loss, make_optimizer, train_step
 from jaxtrain import diagnostics as diag
-from jaxtrain.app.config import DataConfig, ModelConfig, OptimConfig
-from jaxtrain.models import GPT
+from jaxtrain.app import data
+from jaxtrain.app.config import DataConfig
+from jaxtrain.models import GPT, GPTConfig
 
 DOCS = os.environ.get("JAXTRAIN_DOCS")  # set by notebooks/build.py to refresh the README's figures
 
@@ -334,7 +334,7 @@ plt.show()
 
 # %%
 LR_SGD, MAX_NORM, SGD_STEPS = 1.0, 0.25, 40
-gpt = lambda: GPT(ModelConfig(n_layer=L, n_embd=D, n_head=HEADS, block_size=T), rngs=nnx.Rngs(0))  # noqa: E731
+gpt = lambda: GPT(GPTConfig(n_layer=L, n_embd=D, n_head=HEADS, block_size=T), rngs=nnx.Rngs(0))  # noqa: E731
 sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=LR_SGD, momentum=0.9)
 clip_step = jax.jit(functools.partial(train_step, diagnostics=True, max_grad_norm=MAX_NORM), donate_argnums=0)
 init_gpt = lambda tx: jax.jit(lambda: TrainState.create(gpt(), tx, rng=0))()  # noqa: E731

@@ -1,4 +1,4 @@
-"""Config loading, overrides and errors, and ``python -m jaxtrain.run --help`` (no training here)."""
+"""Config loading, overrides and errors, and ``jaxtrain run --help`` (no training here)."""
 
 from pathlib import Path
 
@@ -167,3 +167,11 @@ def test_the_jaxtrain_command_dispatches_and_names_an_unknown_command(capsys):
     assert run.main(["trian"]) == run.EXIT_USER_ERROR
     assert "unknown command 'trian'; the commands are run and generate" in capsys.readouterr().err
     assert run.main(["run", "--help"]) == 0 and capsys.readouterr().out.startswith("usage: jaxtrain run")
+
+
+def test_a_replaced_key_says_what_to_write_instead():
+    with pytest.raises(ConfigError, match="'model.matmul' in command-line overrides was replaced: .*backend=xla"):
+        config.load("tiny", ["model.matmul=xla"])
+    assert config.load("tiny", ["backend=xla"]).backend == "xla"
+    with pytest.raises(ConfigError, match="backend='gpu': must be one of auto, cpu, xla"):
+        config.load("tiny", ["backend=gpu"])

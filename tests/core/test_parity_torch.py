@@ -23,6 +23,11 @@ Tolerances (measured values on CPU in brackets):
   in total. The two noises are unrelated, so we bound the absolute difference
   (1e-4) instead of a relative one.
 
+Both paths run: plain XLA in this process (8 fake devices), and the one-device
+path a CPU user gets from the command line, with the CPU backend's kernels
+(``jaxtrain.cpu``: MKL matmuls, fused attention/GELU/LayerNorm, fused AdamW), in
+a subprocess; the same tolerances hold for both.
+
 Clipping: torch scales by ``max_norm / (norm + 1e-6)``, optax by
 ``max_norm / norm``. The clipped gradients therefore differ by a factor
 1 + 1e-6 / norm ~ 1 + 1e-6; AdamW's m / sqrt(v) is invariant to a gradient scale
@@ -31,6 +36,11 @@ correction is applied. The run is set up so that clipping triggers on the first
 steps (norm > 1) and not on the later ones, exercising both branches.
 """
 
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +75,8 @@ def _jax_optimizer():
                                       eps=EPS, weight_decay=WD, decay_embeddings=True, max_grad_norm=MAX_NORM))
 
 
-@pytest.fixture(scope="module")
-def runs():
-    """Run both sides for STEPS steps; return what each reported."""
+def run_both() -> dict:
+    """Run both sides for STEPS steps in this process; return what each reported."""
     torch.manual_seed(0)
     torch_model = torch_gpt.TorchGPT(torch_gpt.TorchGPTConfig(**ARCH))
     torch_opt = torch_gpt.make_adamw(torch_model, LR, BETAS, EPS, WD)
@@ -84,6 +93,9 @@ def runs():
     jax_logits = np.asarray(state.model()(jnp.asarray(tokens[0, :, :-1])))
 
     step = jax.jit(train_step, donate_argnums=0)
+    hlo = step.lower(state, {"inputs": jnp.asarray(tokens[0, :, :-1]), "targets": jnp.asarray(tokens[0, :, 1:])})
+    kernels = sorted({t for t in ("jaxtrain_blas_gemm", "jaxtrain_attention_fwd", "jaxtrain_layer_norm_fwd",
+                                  "jaxtrain_gelu_fwd", "jaxtrain_adamw") if t in hlo.as_text()})
     out = {k: [] for k in ("torch_loss", "torch_norm", "jax_loss", "jax_norm", "jax_lr")}
     for t in range(STEPS):
         x, y = tokens[t, :, :-1], tokens[t, :, 1:]
@@ -98,7 +110,46 @@ def runs():
     out = {k: np.array(v) for k, v in out.items()}
     out.update(torch_logits=torch_logits, jax_logits=jax_logits,
                torch_params={k: v.numpy() for k, v in torch_model.state_dict().items()},
-               jax_params=to_torch_state_dict(state.params, cfg), steps=int(state.step))
+               jax_params=to_torch_state_dict(state.params, cfg), steps=int(state.step), kernels=kernels,
+               devices=jax.device_count())
+    return out
+
+
+_ONE_DEVICE = """
+import importlib.util, pickle, sys
+import jaxtrain.cpu
+assert jaxtrain.cpu.enable(), jaxtrain.cpu.status()
+spec = importlib.util.spec_from_file_location("parity", sys.argv[1])
+parity = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(parity)
+with open(sys.argv[2], "wb") as f:
+    pickle.dump(parity.run_both(), f)
+"""
+
+
+def _one_device_with_the_cpu_backend(tmp_path) -> dict:
+    import pickle
+
+    out = tmp_path / "runs.pkl"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", _ONE_DEVICE, __file__, str(out)], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out, "rb") as f:
+        return pickle.load(f)
+
+
+@pytest.fixture(scope="module", params=["xla, 8 devices", "cpu backend, 1 device"])
+def runs(request, tmp_path_factory):
+    if request.param == "xla, 8 devices":
+        out = run_both()
+        assert out["devices"] == 8 and out["kernels"] == []
+    else:
+        out = _one_device_with_the_cpu_backend(tmp_path_factory.mktemp("parity"))
+        assert out["devices"] == 1
+        assert out["kernels"] == ["jaxtrain_adamw", "jaxtrain_attention_fwd", "jaxtrain_blas_gemm",
+                                  "jaxtrain_gelu_fwd", "jaxtrain_layer_norm_fwd"]
     return out
 
 

@@ -195,7 +195,7 @@ def test_config_flag_without_a_file_is_one_line(capsys):
 
     assert run.run(["--config"]) == run.EXIT_USER_ERROR
     err = capsys.readouterr().err
-    assert err == "error: argument --config: expected one argument; see python -m jaxtrain.run --help\n"
+    assert err == "error: argument --config: expected one argument; see jaxtrain run --help\n"
 
 
 def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
@@ -293,8 +293,8 @@ def test_an_empty_config_flag_value_is_one_line(capsys):
     from jaxtrain.app import cli as run
 
     assert run.run(["--config="]) == run.EXIT_USER_ERROR
-    assert capsys.readouterr().err == ("error: --config got an empty value; give a YAML file, "
-                                       "e.g. --config configs/tiny.yaml\n")
+    assert capsys.readouterr().err == ("error: --config got an empty value; give a config name or a YAML file, "
+                                       "e.g. --config tiny\n")
 
 
 class _Regressor(nnx.Module):

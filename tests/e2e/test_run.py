@@ -112,10 +112,15 @@ BAD_INPUTS = {
     "bad choice": (lambda tmp: ["model.dtype=float8"], ["model.dtype='float8'", "float32, bfloat16, float16"]),
     "batch does not split": (lambda tmp: ["train.batch_size=12"], ["train.batch_size=12", "divisible"]),
     "changed model on resume": (lambda tmp: ["model.n_layer=3"], ["model.n_layer", "saved 2", "now 3"]),
-    "BLAS matmuls in bfloat16": (lambda tmp: ["model.matmul=blas", "model.dtype=bfloat16"],
-                                 ["model.matmul='blas'", "not bfloat16", "model.matmul=auto"]),
-    "BLAS matmuls on 8 devices": (lambda tmp: ["model.matmul=blas"],
-                                  ["model.matmul='blas'", "one device and this process has 8", "model.matmul=xla"]),
+    "CPU backend in bfloat16": (lambda tmp: ["backend=cpu", "model.dtype=bfloat16"],
+                                ["backend='cpu'", "not bfloat16", "backend=auto"]),
+    "CPU backend on 8 devices": (lambda tmp: ["backend=cpu"],
+                                 ["backend='cpu'", "one device and this process has 8", "backend=xla"]),
+    "a replaced key": (lambda tmp: ["model.matmul=blas"], ["'model.matmul'", "replaced", "backend=cpu"]),
+    "another task on resume": (lambda tmp: ["task=no_such_task_module"],
+                               ["task: saved 'lm', now 'no_such_task_module'"]),
+    "a task that is not there": (lambda tmp: ["task=no_such_task_module", f"run_dir={tmp}/fresh"],
+                                 ["task='no_such_task_module'", "no module named"]),
 }
 
 
@@ -227,23 +232,21 @@ def test_mfu_uses_the_peak_table_or_the_override():
     assert metrics.peak_flops([Dev("TPU v5 lite")]) == 197e12  # not TPU v5's 459e12
     assert metrics.peak_flops([Dev("cpu")]) is None
     assert metrics.peak_flops([Dev("cpu")] * 2, override=1e11) == 2e11
-    fpt = metrics.flops_per_token(1000, 100, n_layer=2, n_embd=8, block_size=4)
-    assert fpt == 6 * 900 + 12 * 2 * 8 * 4
+    fpt = 6 * 900 + 12 * 2 * 8 * 4
     assert metrics.mfu(1e3, fpt, 2 * fpt * 1e3) == 0.5 and metrics.mfu(1e3, fpt, None) is None
 
 
-def test_flops_per_token_from_counts_matches_the_model():
+def test_the_language_model_task_counts_the_gpts_flops_from_shapes():
     from flax import nnx
 
+    from jaxtrain.app import config as config_lib
+    from jaxtrain.app import lm
     from jaxtrain.models import GPT
-    from jaxtrain.models.gpt import GPTConfig
 
-    mc = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=16)
-    model = GPT(mc, rngs=nnx.Rngs(0))
-    n = model.num_params(non_embedding=False)
-    # what the loop computes from the abstract state's parameter count
-    assert metrics.flops_per_token(n, mc.block_size * mc.n_embd, n_layer=2, n_embd=16,
-                                   block_size=32) == model.flops_per_token()
+    cfg = config_lib.load("tiny", ["model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=16"])
+    model = GPT(cfg.model, rngs=nnx.Rngs(0))
+    assert lm.flops_per_token(cfg) == model.flops_per_token()  # from an abstract model, as the loop counts
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * 2 * 16 * 32
 
 
 def test_a_token_id_corpus_samples_token_ids_and_takes_an_id_prompt(tmp_path, capsys):

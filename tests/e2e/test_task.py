@@ -113,3 +113,13 @@ def test_a_run_directory_of_another_task_is_refused(env, reference):
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "task: saved" in err[0] and "now 'lm'" in err[0], err
+
+
+def test_the_task_module_in_the_docs_trains(env, tmp_path):
+    text = (ROOT / "docs" / "cli.md").read_text()
+    start = text.index("# my_task.py\n")
+    (tmp_path / "my_task.py").write_text(text[start:text.index("```", start)])
+    proc = _run(env, tmp_path / "run", str(tmp_path / "my_task.py"), "train.steps=30", "train.eval_every=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "run")
+    assert rows[30]["loss"] < rows[1]["loss"] / 2 and "max_err" in rows[30] and "val_loss" in rows[30]
