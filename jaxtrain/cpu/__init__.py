@@ -1,7 +1,6 @@
 """The opt-in CPU backend: MKL matmuls, fused attention / GELU / LayerNorm and a fused clip + AdamW.
 
-Nothing here is imported by the core. Research code turns it on with one call,
-before compiling its step::
+Nothing here is imported by the core. Research code turns it on with one call::
 
     import jaxtrain.cpu
     jaxtrain.cpu.enable()          # registers with jaxtrain.ops and jaxtrain.optim
@@ -69,7 +68,8 @@ def enable(*, require: bool = False, all_devices: bool = False) -> bool:
 
 
 def disable() -> None:
-    """Back to plain XLA ops and optax's update (for steps traced afterwards)."""
+    """Back to plain XLA ops and optax's update; clears JAX's in-memory compilation caches, so jitted
+    steps trace again without the kernels."""
     global _enabled
     from jaxtrain import ops, optim
     from jaxtrain.cpu import adamw

@@ -176,6 +176,7 @@ def test_gpt_attention_stats_under_remat_and_grad_accum():
     assert jax.tree.structure(new.model_state) == jax.tree.structure(state.model_state)
 
 
+@pytest.mark.slow
 def test_attention_logit_max_is_the_max_over_microbatches_and_aux_means_are_means():
     """The largest logit of the batch is the largest of its microbatches' (not their mean); other
     metrics, like the loss, are means, so the full batch and two microbatches report the same."""
@@ -237,6 +238,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+@pytest.mark.slow
 def test_run_logs_and_plots_diagnostics(tmp_path):
     tiny = Path(__file__).resolve().parents[2] / "jaxtrain" / "configs" / "tiny.yaml"
     cfg = config.load(tiny, [

@@ -94,6 +94,7 @@ def assert_matches_reference(losses, norms, params):
 # Every layout with and without accumulation would be 6 compiles; these 4 cover
 # data parallel and FSDP each with and without accumulation, and the 2-D mesh.
 @pytest.mark.parametrize("data,fsdp,grad_accum", [(8, 1, 1), (8, 1, 2), (1, 8, 1), (2, 4, 2)])
+@pytest.mark.slow
 def test_sharded_training_matches_one_device(data, fsdp, grad_accum):
     mesh = par.make_mesh(ParallelConfig(data=data, fsdp=fsdp))
     assert dict(mesh.shape) == {"data": data, "fsdp": fsdp}

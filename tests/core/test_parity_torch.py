@@ -157,15 +157,18 @@ def _rel(a, b):
     return np.abs(a - b) / np.abs(b)
 
 
+@pytest.mark.slow
 def test_first_forward_logits_match(runs):
     np.testing.assert_allclose(runs["jax_logits"], runs["torch_logits"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_clipping_triggers_on_some_steps_only(runs):
     # Otherwise the parity below would not cover both branches of the clip.
     assert (runs["torch_norm"] > MAX_NORM).any() and (runs["torch_norm"] < MAX_NORM).any(), runs["torch_norm"]
 
 
+@pytest.mark.slow
 def test_loss_and_grad_norm_match_every_step(runs):
     assert runs["steps"] == STEPS
     loss_rel, norm_rel = _rel(runs["jax_loss"], runs["torch_loss"]), _rel(runs["jax_norm"], runs["torch_norm"])
@@ -183,6 +186,7 @@ def _split_key_bias(key: str, jax_p: np.ndarray, torch_p: np.ndarray):
         yield f"{key}[{name}]", j, t
 
 
+@pytest.mark.slow
 def test_final_params_match(runs):
     jax_p, torch_p = runs["jax_params"], runs["torch_params"]
     assert sorted(jax_p) == sorted(torch_p)

@@ -180,6 +180,7 @@ def test_grad_accumulation_equals_the_full_batch_gradient_on_an_mlp():
 DROPOUT = dataclasses.replace(TINY, dropout=0.1)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradient_with_the_same_dropout():
     batch = lm_batch(4)
     plain, _ = _train(gpt_state(DROPOUT), batch, 1)
@@ -302,6 +303,7 @@ def test_compute_dtype_casts_the_forward_only():
     assert float(low_m[0]["loss"]) == pytest.approx(float(ref_m[0]["loss"]), rel=2e-2)
 
 
+@pytest.mark.slow
 def test_compute_dtype_on_the_gpt_with_its_cpu_kernels():
     # One device, model.matmul=auto: the CPU kernels run where operands are float32. The LayerNorms
     # compute in float32 on float32 activations while their params arrive cast to bfloat16.

@@ -99,6 +99,7 @@ def _tree(seed, scale=1.0):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("grad_scale", [1e-3, 10.0])
 @pytest.mark.parametrize("apply", [True, False])
+@pytest.mark.slow
 def test_one_update_matches_optax_on_the_same_gradients(name, grad_scale, apply):
     cfg = CONFIGS[name]
     fused_tx, plain_tx = make_optimizer(cfg, total_steps=6, fused=True), make_optimizer(cfg, total_steps=6, fused=False)
@@ -130,6 +131,7 @@ def test_one_update_matches_optax_on_the_same_gradients(name, grad_scale, apply)
 
 @needs_kernels
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.slow
 def test_fused_update_matches_the_optax_chain(name):
     cfg = CONFIGS[name]
     fused_tx, plain_tx = make_optimizer(cfg, total_steps=6, fused=True), make_optimizer(cfg, total_steps=6, fused=False)
@@ -182,6 +184,7 @@ def test_without_skipping_a_nonfinite_step_is_applied_like_optax():
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_custom_mask_and_grad_accum_match_optax():
     cfg = CONFIGS["clipping"]
     only_matrices = lambda params: jax.tree.map(lambda p: p.ndim == 2 and p.shape[0] != V, params)  # noqa: E731
@@ -194,6 +197,7 @@ def test_custom_mask_and_grad_accum_match_optax():
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_the_compiled_step_runs_one_kernel_per_parameter_in_place():
     state = _state(make_optimizer(CONFIGS["clipping"], total_steps=6, fused=True))
     batch = _batch(0)
@@ -274,6 +278,7 @@ def test_a_meta_gradient_through_train_step_is_optaxs():
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_the_default_optimizer_is_fused_in_a_one_device_process():
     code = """
         import jax, jax.numpy as jnp

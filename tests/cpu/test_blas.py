@@ -128,6 +128,7 @@ def _model(**kw):
 
 @needs_blas
 @pytest.mark.parametrize("kw", [{}, {"bias": False, "tie_embeddings": False}, {"dropout": 0.1}])
+@pytest.mark.slow
 def test_gpt_train_steps_match_the_xla_path(kw):
     """Three AdamW steps of a GPT with MKL matmuls track the same steps with XLA's dots."""
     tx = make_optimizer(OptimConfig(lr=1e-2, schedule="constant", warmup_steps=0))
@@ -159,6 +160,7 @@ def test_gpt_train_steps_match_the_xla_path(kw):
 
 
 @needs_blas
+@pytest.mark.slow
 def test_gpt_takes_the_kernels_for_float32_on_one_device_and_xla_for_bfloat16(all_devices):
     tokens = jnp.zeros((1, 8), jnp.int32)
     hlo = nnx.jit(lambda m, t: m(t)).lower(_model(dtype="bfloat16"), tokens).as_text()
@@ -231,6 +233,7 @@ def test_auto_takes_the_blas_path_on_one_device_only():
 
 
 @needs_blas
+@pytest.mark.slow
 def test_handler_is_rebuilt_into_an_empty_cache(tmp_path):
     code = """
         import jax, jax.numpy as jnp, numpy as np
@@ -259,6 +262,7 @@ def test_unwritable_build_directory_falls_back_and_names_it(tmp_path):
 
 
 @needs_blas
+@pytest.mark.slow
 def test_cli_run_on_one_device_trains_with_mkl(tmp_path):
     """The real command on one CPU device: the header names MKL and the tiny config learns."""
     root = Path(__file__).resolve().parents[2]

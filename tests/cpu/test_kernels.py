@@ -185,6 +185,7 @@ def _gpt_targets(backend, dropout=0.0):
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_gpt_train_step_uses_the_kernels_where_they_apply():
     try:
         # the tests' process has 8 devices, where the backend declines unless told to take them all
@@ -226,6 +227,7 @@ SECOND_ORDER = {
 
 @needs_kernels
 @pytest.mark.parametrize("name", SECOND_ORDER)
+@pytest.mark.slow
 def test_second_order_derivatives_match_plain_jax(name):
     """The kernels' custom VJPs are differentiable again: what a gradient penalty or a Hessian-vector product needs."""
     f, shapes = SECOND_ORDER[name]

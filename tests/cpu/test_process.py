@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # whole runs in subprocesses: the full suite, not the fast tier
+
 # A jitted function whose scratch buffer is ~128 MB (32k pages): each call allocates and frees it.
 # The products are thin, so a call takes milliseconds. With the setting on, the heap still grows by a
 # scratch buffer now and then while it settles (measured: in up to 10 of the first 30 calls, rarely

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from benchmark_modules import load_benchmark
 
+pytestmark = pytest.mark.slow  # whole runs in subprocesses: the full suite, not the fast tier
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

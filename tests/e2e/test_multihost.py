@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # whole runs in subprocesses: the full suite, not the fast tier
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "jaxtrain" / "configs" / "tiny.yaml"
 STEPS, SPLIT = 40, 20

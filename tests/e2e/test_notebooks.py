@@ -15,6 +15,8 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+pytestmark = pytest.mark.slow  # whole runs in subprocesses: the full suite, not the fast tier
+
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 NAMES = ["01_pytorch_to_jax", "02_gradients_in_transformers"]
 

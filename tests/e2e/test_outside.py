@@ -44,6 +44,7 @@ def _bn_state():
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.slow
 def test_batchnorm_model_under_shard_map_and_pmap_keeps_replicated_statistics(grad_accum):
     n = 4
     rng = np.random.default_rng(0)
@@ -508,6 +509,7 @@ def test_grad_accum_with_a_scalar_batch_leaf_names_it():
             TrainState.create(_SowingNet(nnx.Rngs(0)), optax.adam(1e-2)), batch)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_that_fails_in_orbaxs_writer_threads_is_one_error_line(tmp_path):
     """A full disk, seen here as a file-size limit: the loop's one line, not Orbax's thread tracebacks."""
     # bash sets the limit (32 KiB: run files fit, checkpoint data does not) and ignores SIGXFSZ, so

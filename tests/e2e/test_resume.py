@@ -26,6 +26,8 @@ import pytest
 from jaxtrain.app import checkpoint
 from jaxtrain.app.preempt import PREEMPTED_EXIT_CODE
 
+pytestmark = pytest.mark.slow  # whole runs in subprocesses: the full suite, not the fast tier
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 24
 ARGS = ["--config", str(ROOT / "jaxtrain" / "configs" / "tiny.yaml"), f"train.steps={STEPS}", "train.log_every=1",

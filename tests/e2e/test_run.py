@@ -18,6 +18,8 @@ from jaxtrain.app import generate
 from jaxtrain.app import writers as metrics
 from jaxtrain.app import cli as run
 
+pytestmark = pytest.mark.slow  # whole runs in subprocesses: the full suite, not the fast tier
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "jaxtrain" / "configs" / "tiny.yaml"
 QUIET = ["log.progress=false"]
