@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPT-2 124M on one NVIDIA GPU (H100 / H200): the training step's tokens/s and MFU
 # against the card's bf16 matmul rate measured in the same run, memory, and a short
-# `python -m jaxtrain.run` of configs/gpt2-124m.yaml through the real command line.
+# `python -m jaxtrain.run --config gpt2-124m` through the real command line.
 #
 #   bash benchmarks/gpu.sh              # about 7 minutes; logs and JSON under $OUT (default runs/gpu)
 #
@@ -49,10 +49,10 @@ grep -E "^  batch" "$OUT/smoke.log"
 log "GPT-2 124M step, cuDNN attention, batch 16/32/64"
 "$PY" benchmarks/bench_gpu.py --batch 16,32,64 --attention cudnn --json "$OUT/bench_cudnn.json" 2>&1 | grep -v '^{'
 if (( SECONDS < BUDGET - 120 )); then
-  log "python -m jaxtrain.run --config configs/gpt2-124m.yaml, 60 steps"
+  log "python -m jaxtrain.run --config gpt2-124m, 60 steps"
   run_dir=/tmp/jaxtrain-gpt2
   rm -rf "$run_dir"
-  timeout $(( BUDGET - SECONDS + 60 )) "$PY" -m jaxtrain.run --config configs/gpt2-124m.yaml run_dir=$run_dir \
+  timeout $(( BUDGET - SECONDS + 60 )) "$PY" -m jaxtrain.run --config gpt2-124m run_dir=$run_dir \
     train.steps=60 train.eval_every=30 train.eval_batches=4 train.log_every=10 train.sample_tokens=200 \
     checkpoint.every=60 log.progress=false > "$OUT/run.log" 2>&1
   echo "exit status $?"

@@ -2,7 +2,7 @@
 # Try a multi-process run on one machine: N CPU processes x D CPU devices each,
 # talking through jax.distributed on 127.0.0.1 (gloo collectives).
 #
-#   examples/multiprocess_cpu.sh 2 2 --config configs/tiny.yaml run_dir=/tmp/mp
+#   examples/multiprocess_cpu.sh 2 2 --config tiny run_dir=/tmp/mp
 #
 # Every process gets the same command line plus its process id; process 0 writes
 # the logs, every process writes its part of each checkpoint.

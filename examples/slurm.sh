@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Multi-host training under SLURM: one process per GPU, every process runs the same command.
 #
-#   sbatch examples/slurm.sh                                  # configs/gpt2-124m.yaml
+#   sbatch examples/slurm.sh                                  # gpt2-124m
 #   sbatch examples/slurm.sh train.steps=20000 optim.lr=6e-4  # extra key=value overrides
 #
 # jax.distributed.initialize() reads SLURM's variables itself: the coordinator is the
@@ -20,7 +20,7 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
-CONFIG=${CONFIG:-configs/gpt2-124m.yaml}
+CONFIG=${CONFIG:-gpt2-124m}
 RUN_DIR=${RUN_DIR:-runs/gpt2-124m}   # fixed across requeues, so the job resumes
 
 # SIGTERM reaches every task; jaxtrain saves a checkpoint and exits 75.
