@@ -40,7 +40,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxtrain import diagnostics, parallel
-from jaxtrain.app import checkpoint, data, plot, tasks
+from jaxtrain.app import checkpoint, data, plot, profiler, tasks
+from jaxtrain.app import config as config_lib
 from jaxtrain.app import preempt as signals
 from jaxtrain.app import writers as metrics
 from jaxtrain.app.config import Config, ConfigError, to_yaml
@@ -51,6 +52,7 @@ from jaxtrain.step import eval_step, train_step
 PyTree = Any
 CONFIG_FILE = "config.yaml"
 SAMPLES_FILE = "samples.txt"
+TB_DIR = "tb"  # under run_dir: TensorBoard's events and the profiler's traces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Run:
     peak_flops: Optional[float]  # of all devices together
     is_main: bool  # process 0: the one that writes files
     backend: str  # what runs the matmuls on CPU, for the header ("" elsewhere)
+    step_memory: str  # the compiled train step's device memory, for the header ("" if unknown)
 
     @property
     def baseline(self) -> Optional[float]:
@@ -229,7 +232,7 @@ def _setup(cfg: Config) -> Run:
         eval_step=evaluate, eval_batches=tuple(parallel.place_batch(b, mesh) for b in eval_parts),
         tokens_per_step=cfg.train.batch_size * tokens_per_example, flops_per_token=flops,
         peak_flops=metrics.peak_flops(jax.devices(), cfg.log.peak_flops),
-        is_main=parallel.is_main_process(), backend=backend)
+        is_main=parallel.is_main_process(), backend=backend, step_memory=metrics.step_memory(train))
 
 
 def _initial_state(run: Run, mngr) -> tuple[TrainState, int, Optional[str]]:
@@ -284,22 +287,39 @@ def _events_due(cfg: Config, done: int) -> dict[str, bool]:
 
 def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str], t0: float) -> Summary:
     cfg, tc = run.cfg, run.cfg.train
-    pending: list[dict] = []  # per-step metrics, still on the device
-    val_loss, sample = None, ""
-    clock = metrics.Stopwatch()  # training time only: eval, samples and checkpoints are excluded
     if run.is_main:
         _trim_samples(run_path(cfg) / SAMPLES_FILE, start)
     log = metrics.MetricsLog(run_path(cfg), start_step=start, total_steps=tc.steps, enabled=run.is_main,
-                             tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+                             log_cfg=cfg.log)
+    with log:
+        if start < tc.steps:
+            log.config(config_lib.to_dict(cfg), to_yaml(cfg))
+        state, val_loss, sample, train_s, t_loop = _train(run, mngr, log, state, start, resumed, t0)
+        mngr.wait_until_finished()
+        return _finish(run, log, state, start, val_loss, sample, train_s, time.perf_counter() - t_loop, t0)
+
+
+def _train(run: Run, mngr, log: metrics.MetricsLog, state: TrainState, start: int, resumed: Optional[str],
+           t0: float):
+    """The steps from ``start`` to ``train.steps``:
+    ``(state, last val_loss, last sample, training seconds, when the loop started)``."""
+    cfg, tc = run.cfg, run.cfg.train
+    pending: list[dict] = []  # per-step metrics, still on the device
+    val_loss, sample = None, ""
+    clock = metrics.Stopwatch()  # training time only: eval, samples and checkpoints are excluded
     batches = data.Prefetcher(run.batch, start, tc.steps, depth=cfg.data.prefetch, place=run.place)
     watch = signals.NonFiniteWatch(tc.max_nonfinite)
-    with log, batches, signals.StopSignals() as stop:
+    window = profiler.Window(cfg.log.profile_start, cfg.log.profile_steps, run_path(cfg) / TB_DIR,
+                             enabled=run.is_main)
+    with batches, signals.StopSignals() as stop, window:
         _announce(run, log, resumed)
         jax.block_until_ready(state)
         t_loop = time.perf_counter()
         clock.start()
         for step, batch in batches:
+            window.before(step)
             state, step_metrics = run.train_step(state, batch)
+            window.after(step, state)
             pending.append(step_metrics)
             done = step + 1
             # -- after-step: nothing above or here may wait for the device.
@@ -321,7 +341,7 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
                 val_loss = row["val_loss"] = evaluate(run, state)
             # -- at-sample
             if events["sample"]:
-                sample = _sample(run, state, done)
+                sample = _sample(run, state, done, log=log)
             # -- at-checkpoint
             # (not inside a streak of skipped steps: resuming there would replay it)
             if events["checkpoint"] and (preempt or watch.consecutive == 0):
@@ -338,8 +358,7 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
             val_loss, sample = evaluate(run, state), _sample(run, state, int(state.step), record=False)
         if run.task.sample is not None:
             log.echo(f"sample at step {int(state.step)}:\n{sample}")
-    mngr.wait_until_finished()
-    return _finish(run, state, start, val_loss, sample, clock.total, time.perf_counter() - t_loop, t0)
+    return state, val_loss, sample, clock.total, t_loop
 
 
 def _nonfinite_stop(run: Run, state: TrainState, watch: signals.NonFiniteWatch, mngr) -> signals.NonFiniteError:
@@ -365,7 +384,8 @@ def _announce(run: Run, log: metrics.MetricsLog, resumed: Optional[str]) -> None
     log.echo(f"run_dir {cfg.run_dir} | {what} | "
              f"mesh data={run.mesh.shape[parallel.DATA]} fsdp={run.mesh.shape[parallel.FSDP]} "
              f"on {jax.device_count()} {jax.devices()[0].platform} devices"
-             + (f" | matmuls {run.backend}" if run.backend else ""))
+             + (f" | matmuls {run.backend}" if run.backend else "")
+             + (f" | {run.step_memory}" if run.step_memory else ""))
     if resumed:
         log.echo(resumed)
 
@@ -391,6 +411,9 @@ def _row(run: Run, fetched: list[dict], seconds: float, done: int, t0: float) ->
     mfu = metrics.mfu(tps, run.flops_per_token, run.peak_flops) if run.flops_per_token else None
     if mfu is not None:
         row["mfu"] = mfu
+    peak = metrics.peak_memory_gb()
+    if peak is not None:
+        row["peak_mem_gb"] = peak
     row["elapsed"] = time.perf_counter() - t0
     return row
 
@@ -420,20 +443,23 @@ def _trim_samples(path: Path, start: int) -> None:
     os.replace(tmp, path)
 
 
-def _sample(run: Run, state: TrainState, step: int, record: bool = True) -> str:
-    """Generate the configured sample (every process: params may be sharded); process 0 appends it if ``record``."""
+def _sample(run: Run, state: TrainState, step: int, record: bool = True, log=None) -> str:
+    """Generate the configured sample (every process: params may be sharded); process 0 appends it to
+    ``samples.txt`` and hands it to the trackers if ``record``."""
     if run.task.sample is None:
         return ""
     text = run.task.sample(state, step)
     if run.is_main and record:
         with open(run_path(run.cfg) / SAMPLES_FILE, "a") as f:
             f.write(f"===== step {step} =====\n{text}\n\n")
+        if log is not None:
+            log.text(step, "sample", text)
     return text
 
 
-def _finish(run: Run, state: TrainState, start: int, val_loss: float, sample: str,
+def _finish(run: Run, log, state: TrainState, start: int, val_loss: Optional[float], sample: str,
             train_s: float, loop_s: float, t0: float) -> Summary:
-    """Plot, print the summary line, return the :class:`Summary`."""
+    """Plot, hand the summary to the trackers, print the summary line, return the :class:`Summary`."""
     steps = int(state.step)
     tps = (steps - start) * run.tokens_per_step / train_s if train_s > 0 else 0.0
     summary = Summary(steps=steps, val_loss=val_loss, baseline=run.baseline, tokens_per_s=tps,
@@ -441,6 +467,7 @@ def _finish(run: Run, state: TrainState, start: int, val_loss: float, sample: st
                       train_s=train_s,
                       loop_s=loop_s, wall_s=time.perf_counter() - t0, sample=sample)
     if run.is_main:
+        log.summary({k: v for k, v in dataclasses.asdict(summary).items() if k != "sample" and v is not None})
         if run.cfg.log.plot:
             rows = metrics.read_jsonl(run_path(run.cfg) / metrics.METRICS_FILE)
             plot.plot(rows, run_path(run.cfg) / plot.PLOT_FILE, baseline=run.baseline)

@@ -1,4 +1,5 @@
-"""Metrics out of the loop: JSONL + TensorBoard, throughput and MFU, a progress bar.
+"""Metrics out of the loop: throughput and MFU, the summary line, and the log that feeds the
+trackers (:mod:`jaxtrain.app.trackers`) and the progress bar.
 
 Everything here runs on the host with plain Python numbers: the loop fetches
 the device metrics once per log interval and hands this module dicts of floats.
@@ -13,9 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -23,10 +21,7 @@ from typing import Any, Optional, Sequence
 import jax
 from tqdm.auto import tqdm
 
-from jaxtrain.diagnostics import is_diagnostic
-
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
+from jaxtrain.app.trackers import METRICS_FILE, TB_DIR, read_jsonl  # noqa: F401 - re-exported
 
 # Dense bfloat16 peak FLOP/s of one device, matched as a substring of
 # ``jax.Device.device_kind``. More specific names come first ("TPU v5 lite"
@@ -56,6 +51,39 @@ def peak_flops(devices: Sequence[jax.Device], override: Optional[float] = None) 
     """
     per_device = override if override is not None else device_peak_flops(devices[0].device_kind)
     return None if per_device is None else per_device * len(devices)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def step_memory(compiled) -> str:
+    """A compiled step's device memory per device, for the run's header: what XLA planned for its
+    arguments (the state and the batch), temporaries and outputs; "" where XLA does not say."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return ""
+    if m is None:
+        return ""
+    total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return (f"step memory {_size(total)} per device (arguments {_size(m.argument_size_in_bytes)}, "
+            f"temporaries {_size(m.temp_size_in_bytes)}, outputs {_size(m.output_size_in_bytes)}, "
+            f"{_size(m.alias_size_in_bytes)} of them in donated buffers)")
+
+
+def peak_memory_gb() -> Optional[float]:
+    """The most memory any local device has held so far (GB), where the device reports it (GPUs,
+    TPUs; None on CPU): the ``peak_mem_gb`` metric."""
+    peaks = []
+    for d in jax.local_devices():
+        try:
+            stats = d.memory_stats()
+        except Exception:  # noqa: BLE001 - unsupported on this platform
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    return max(peaks) / 2**30 if peaks else None
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, peak: Optional[float]) -> Optional[float]:
@@ -115,74 +143,67 @@ def summary_line(*, steps: int, val_loss: Optional[float], baseline: Optional[fl
             f"training {fmt_duration(train_s)}, wall {fmt_duration(wall_s)}")
 
 
-# ---------------------------------------------------------------- writers
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return repr(v)  # "nan" / "inf": strict JSON has no NaN literal
-    return v
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All rows of a metrics file (``[]`` if it does not exist); a torn last line is ignored."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    rows = []
-    for line in p.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a run killed mid-write leaves at most one partial line, the last
-    return rows
+# ---------------------------------------------------------------- the log
 
 
 class MetricsLog:
-    """``metrics.jsonl`` + TensorBoard events + progress bar, for one run (process 0 only).
+    """The run's trackers (:mod:`jaxtrain.app.trackers`: JSONL, TensorBoard, W&B) and its progress
+    bar, for one run (process 0 only; with ``enabled=False`` every method is a no-op).
 
-    On resume (``start_step > 0``) rows past ``start_step`` left by an interrupted
-    run are dropped first, so the file holds one history; TensorBoard is told
-    the same through ``purge_step``. With ``enabled=False`` every method is a no-op.
+    On resume (``start_step > 0``) each tracker continues the interrupted run's history from
+    ``start_step`` (rows after it are dropped from ``metrics.jsonl``, TensorBoard purges them).
     """
 
     def __init__(self, run_dir: str | Path, *, start_step: int, total_steps: int, enabled: bool,
-                 tensorboard: bool = True, progress: bool = True):
+                 log_cfg: Any = None, tensorboard: bool = True, progress: bool = True):
+        from jaxtrain.app import trackers
+
         self.enabled = enabled
-        self._file = self._tb = self._bar = None
+        self._trackers: list[trackers.Tracker] = []
+        self._bar = None
         self._val = None  # (step, val_loss) of the last evaluation: the bar keeps showing it
         if not enabled:
             return
+        if log_cfg is None:  # the defaults with these two switches
+            from jaxtrain.app.config import LogConfig
+
+            log_cfg = LogConfig(tensorboard=tensorboard, progress=progress)
         run_dir = Path(run_dir).expanduser()
-        path = run_dir / METRICS_FILE
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step] if start_step else []
+        self._trackers = trackers.open_trackers(log_cfg, run_dir, start_step=start_step, total_steps=total_steps)
+        kept = self._trackers[0].kept  # the JSONL history up to start_step
         self._val = next(((r["step"], r["val_loss"]) for r in reversed(kept)
                           if isinstance(r.get("val_loss"), (int, float))), None)
-        # Rewrite through a temporary file so a kill at this moment keeps the old history.
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, path)
-        self._file = open(path, "a", buffering=1)  # line-buffered: a row is on disk once logged
-        if tensorboard and start_step < total_steps:  # a finished run gets no new, empty event file
-            self._tb = _summary_writer_class()(str(run_dir / TB_DIR), purge_step=start_step or None)
-        if progress:
+        if log_cfg.progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                              smoothing=0.1)
 
+    def config(self, config: dict[str, Any], text: str) -> None:
+        """Hand the resolved config to every tracker."""
+        for t in self._trackers:
+            t.config(config, text)
+
     def write(self, row: dict[str, Any]) -> None:
-        """Append one row (``row["step"]`` required) to every sink and refresh the bar."""
+        """Send one row (``row["step"]`` required) to every tracker and refresh the bar."""
         if not self.enabled:
             return
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(_tb_tag(k), v, row["step"])
+        values = {k: v for k, v in row.items() if k != "step"}
+        for t in self._trackers:
+            t.scalars(row["step"], values)
         if isinstance(row.get("val_loss"), (int, float)):
             self._val = (row["step"], row["val_loss"])
         if self._bar is not None:
             self._bar.update(row["step"] - self._bar.n)
             self._bar.set_postfix_str(_postfix(row, self._val), refresh=True)
+
+    def text(self, step: int, name: str, text: str) -> None:
+        """A text sample for the trackers that keep text (TensorBoard, W&B)."""
+        for t in self._trackers:
+            t.text(step, name, text)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """The run's final numbers, for the trackers that keep a summary (W&B)."""
+        for t in self._trackers:
+            t.summary(values)
 
     def echo(self, msg: str) -> None:
         """Print a line without breaking the progress bar."""
@@ -190,42 +211,17 @@ class MetricsLog:
             (self._bar.write if self._bar is not None else print)(msg)
 
     def close(self) -> None:
-        for h in (self._bar, self._tb, self._file):
-            if h is not None:
-                h.close()
-        self._file = self._tb = self._bar = None
+        if self._bar is not None:
+            self._bar.close()
+        for t in self._trackers:
+            t.close()
+        self._trackers, self._bar = [], None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _summary_writer_class():
-    """``tensorboardX.SummaryWriter``, imported without PyTorch.
-
-    tensorboardX imports torch whenever it is installed, only to accept torch
-    tensors, which adds seconds to start-up; hiding it for the import makes the
-    writer take NumPy values only, which is all this module passes.
-    """
-    import sys
-
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # makes ``import torch`` raise ImportError
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        del sys.modules["torch"]
-    return SummaryWriter
-
-
-def _tb_tag(key: str) -> str:
-    if "/" in key:  # a diagnostic such as "grad_norm/h.0.attn": one TensorBoard group per statistic
-        return key
-    return {"loss": "loss/train", "val_loss": "loss/val"}.get(key, f"train/{key}")
 
 
 def _postfix(row: dict, val: Optional[tuple[int, float]] = None) -> str:
