@@ -46,6 +46,14 @@ def _cast_floats(tree: PyTree, dtype) -> PyTree:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def _check_compute_dtype(compute_dtype) -> None:
+    """Refuse float16: without loss scaling (which jaxtrain does not do) its small gradients underflow to 0."""
+    if compute_dtype is not None and jnp.dtype(compute_dtype) == jnp.float16:
+        raise ValueError(f"compute_dtype={jnp.dtype(compute_dtype).name}: float16 needs loss scaling, which "
+                         "jaxtrain does not do; use compute_dtype=jnp.bfloat16 (float32's range at the same "
+                         "memory) or None (float32)")
+
+
 def _loss_and_grads(state: TrainState, batch: Batch, rng: jax.Array, loss_fn: LossFn,
                     compute_dtype, axis_name: Optional[str]):
     """``((loss, (aux, model_state)), grads)`` for one (micro)batch."""
@@ -93,8 +101,10 @@ def accumulate_grads(state: TrainState, batch: Batch, rng: jax.Array, loss_fn: L
     microbatches (a ``lax.scan``), exactly as :func:`train_step` computes them before the update.
 
     ``rng`` is the step's key (``train_step`` uses ``fold_in(state.rng, state.step)``).
-    Under ``axis_name`` the values are this device's, not yet averaged.
+    Under ``axis_name`` the values are this device's, not yet averaged. ``compute_dtype``
+    as in :func:`train_step` (float16 is a ``ValueError``).
     """
+    _check_compute_dtype(compute_dtype)
     if grad_accum == 1:
         (loss, (aux, model_state)), grads = _loss_and_grads(state, batch, rng, loss_fn, compute_dtype, axis_name)
         return loss, aux, model_state, grads
@@ -206,6 +216,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss, gr
         dtype for the forward and backward (a float32 input would otherwise
         promote every layer back to float32); gradients and the update stay in
         the params' float32. Integer leaves (token ids, labels) are untouched.
+        ``jnp.bfloat16`` (or None); float16 is a ``ValueError``: its gradients
+        underflow without loss scaling, which jaxtrain does not do.
       skip_nonfinite: when the loss or gradient norm is NaN/Inf, keep params,
         optimizer and model state unchanged (the step counter still advances)
         and report ``nonfinite=1``.
@@ -264,8 +276,9 @@ def eval_step(state: TrainState, batch: Batch, *, loss_fn: LossFn = lm_loss,
     and ``loss_fn`` gets ``rng=None``.
 
     Pass the same ``compute_dtype`` as to :func:`train_step` to evaluate the
-    model the way it is trained.
+    model the way it is trained (float16 is a ``ValueError``, as there).
     """
+    _check_compute_dtype(compute_dtype)
     model = state.model(_cast_floats(state.params, compute_dtype))
     model.eval()  # PyTorch's model.eval(): no dropout, BatchNorm uses its running statistics
     loss, aux = _call_loss(loss_fn, model, _cast_floats(batch, compute_dtype), None)

@@ -60,6 +60,7 @@ class TrainConfig:
     sample_prompt: str = "def "  # prompt for samples (for a .bin/.npy corpus: token ids separated by spaces)
     sample_temperature: float = 0.8  # softmax temperature of samples; 0 = greedy
     sample_top_k: int = 40  # samples draw from the k most likely tokens; 0 = all
+    sample_top_p: float = 1.0  # nucleus sampling: draw from the smallest set of likeliest tokens holding this much probability; 1 = off
     max_nonfinite: int = 5  # consecutive non-finite steps (skipped) before stopping
     diagnostics: bool = False  # per-layer gradient norms, update ratios, attention stats
 
@@ -89,6 +90,11 @@ class LogConfig:
     tensorboard: bool = True  # TensorBoard event files in run_dir/tb
     plot: bool = True  # PNG plot of the curves at the end
     peak_flops: Optional[float] = None  # peak FLOP/s of one device for MFU; null = known GPUs/TPUs only
+    wandb: Optional[str] = None  # Weights & Biases project to log to (the wandb extra); null = off
+    wandb_name: Optional[str] = None  # W&B run name; null = run_dir's last component
+    wandb_mode: str = "online"  # W&B mode: online | offline (written under run_dir/wandb, synced later) | disabled
+    profile_start: int = 5  # first step of the profiler window (log.profile_steps > 0)
+    profile_steps: int = 0  # steps traced with jax.profiler into run_dir/tb for TensorBoard's profile tab; 0 = off
 
 
 @dataclass(frozen=True)
@@ -106,9 +112,10 @@ class Config:
 
 
 _CHOICES = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn"),
     "backend": ("auto", "cpu", "xla"),
+    "log.wandb_mode": ("online", "offline", "disabled"),
     "data.token_dtype": ("uint16", "uint32"),
     "optim.schedule": SCHEDULES,
 }
@@ -364,6 +371,9 @@ def validate(cfg: Config) -> None:
     def bad(key: str, why: str):
         raise ConfigError(f"{key}={_get(cfg, key)!r}: {why}")
 
+    if cfg.model.dtype == "float16":  # before the choices: say why, not only what is allowed
+        bad("model.dtype", "float16 needs loss scaling, which jaxtrain does not do; use model.dtype=bfloat16 "
+                           "(float32's range at the same memory)")
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
             bad(key, f"must be one of {', '.join(allowed)}")
@@ -374,14 +384,18 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) <= 0:
             bad(key, "must be a positive integer")
     for key in ["train.eval_every", "train.sample_every", "train.sample_tokens", "data.prefetch",
-                "train.sample_top_k"]:
+                "train.sample_top_k", "log.profile_start", "log.profile_steps"]:
         if _get(cfg, key) < 0:
             bad(key, "must be >= 0")
     if not 0.0 <= cfg.train.sample_temperature < math.inf:  # NaN fails too
         bad("train.sample_temperature", "must be a finite number >= 0 (0: greedy)")
+    if not 0.0 < cfg.train.sample_top_p <= 1.0:  # NaN fails too; the message is generate.check_sampling's
+        bad("train.sample_top_p", "must be a finite number in (0, 1] (1: off)")
     for key in ["run_dir", "task", "data.source", "data.glob", "data.cache_dir"]:  # "" would mean the current directory
         if not _get(cfg, key).strip():
             bad(key, "must not be empty")
+    if cfg.log.wandb is not None and not cfg.log.wandb.strip():
+        bad("log.wandb", "must name a W&B project, or be null (no W&B)")
     if cfg.data.val_source is not None and not cfg.data.val_source.strip():
         bad("data.val_source", "must not be empty (null: hold out data.val_fraction of data.source)")
     if cfg.model.n_embd % cfg.model.n_head:

@@ -1,7 +1,7 @@
-"""Sampling text from a trained GPT: temperature, top-k, a prompt.
+"""Sampling text from a trained GPT: temperature, top-k, top-p (nucleus), a prompt.
 
 Two decoders, each one jitted function of fixed shapes that compiles once for
-every prompt, number of tokens, temperature and top-k:
+every prompt, number of tokens, temperature, top-k and top-p:
 
 - **KV cache** (models with ``init_cache`` / ``decode`` methods, such as
   :class:`jaxtrain.models.GPT`): one position per call, attending to the cached
@@ -16,7 +16,7 @@ Both give the same tokens for the same seed (token ``i`` is drawn with
 
 Example::
 
-    text = sample_text(state, "def ", tokens=200, temperature=0.8, top_k=40, seed=0)
+    text = sample_text(state, "def ", tokens=200, temperature=0.8, top_k=40, top_p=0.95, seed=0)
 
 From the command line, on a run directory's latest checkpoint::
 
@@ -45,7 +45,7 @@ _START = data.encode("\n")  # an empty prompt starts at a line break
 @functools.partial(jax.jit, static_argnums=0)
 def _decode_step(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, window_BT: jax.Array,
                  length: jax.Array, seed: jax.Array, index: jax.Array, temperature: jax.Array,
-                 top_k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pick the token after ``window_BT[:, :length]`` and append it.
 
     Args:
@@ -55,6 +55,7 @@ def _decode_step(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, wi
       seed, index: int32 scalars; this token's key is ``fold_in(key(seed), index)``.
       temperature: float32 scalar; 0 means greedy (argmax).
       top_k: int32 scalar; sample among the ``top_k`` most likely tokens (0 = all).
+      top_p: float32 scalar in ``(0, 1]``; nucleus sampling (1 = off), see :func:`pick`.
     Returns:
       ``(window_BT, length, token_B)``: the window with the token appended (shifted left
       by one once full), the new length and the token.
@@ -63,7 +64,7 @@ def _decode_step(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, wi
     T = window_BT.shape[1]
     logits_BTV = model(window_BT)
     logits_BV = jax.lax.dynamic_index_in_dim(logits_BTV, length - 1, axis=1, keepdims=False)
-    token_B = pick(logits_BV, jax.random.fold_in(jax.random.key(seed), index), temperature, top_k)
+    token_B = pick(logits_BV, jax.random.fold_in(jax.random.key(seed), index), temperature, top_k, top_p)
     appended = jax.lax.dynamic_update_index_in_dim(window_BT, token_B, length % T, axis=1)
     shifted = jnp.roll(window_BT, -1, axis=1).at[:, -1].set(token_B)
     window_BT = jnp.where(length < T, appended, shifted)
@@ -73,37 +74,56 @@ def _decode_step(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, wi
 @functools.partial(jax.jit, static_argnums=0)
 def _cached_step(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, cache: PyTree, token_B: jax.Array,
                  pos: jax.Array, seed: jax.Array, index: jax.Array, temperature: jax.Array,
-                 top_k: jax.Array) -> tuple[PyTree, jax.Array]:
+                 top_k: jax.Array, top_p: jax.Array) -> tuple[PyTree, jax.Array]:
     """Feed ``token_B`` at position ``pos`` through the model's KV cache; pick the next token.
 
     Returns ``(cache, next_token_B)``; the next token's key is ``fold_in(key(seed), index)``.
     """
     model = nnx.merge(graphdef, params, model_state)
     logits_BV, cache = model.decode(token_B, pos, cache)
-    return cache, pick(logits_BV, jax.random.fold_in(jax.random.key(seed), index), temperature, top_k)
+    return cache, pick(logits_BV, jax.random.fold_in(jax.random.key(seed), index), temperature, top_k, top_p)
 
 
-def pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array) -> jax.Array:
-    """Sample int32 ``[B]`` from logits ``[B, V]`` with temperature and top-k (traced scalars).
+def pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+         top_p: jax.Array = 1.0) -> jax.Array:
+    """Sample int32 ``[B]`` from logits ``[B, V]`` with temperature, top-k and top-p (traced scalars).
 
     ``temperature <= 0`` is greedy; ``top_k`` outside ``[1, V]`` keeps all tokens.
+    ``top_p < 1`` (nucleus sampling) then keeps, of the tokens top-k left, the
+    smallest set of most likely ones whose probabilities (at this temperature)
+    sum to at least ``top_p`` (always the most likely one; tokens tied with the
+    last one kept stay too), and draws from it renormalised. ``top_p >= 1`` cuts
+    nothing: the same tokens as without it, for the same key.
     """
     V = logits_BV.shape[-1]
     k = jnp.where((top_k >= 1) & (top_k <= V), top_k, V)
-    kth_B1 = jax.lax.dynamic_index_in_dim(jnp.sort(logits_BV, axis=-1), V - k, axis=-1)  # k-th largest
+    sorted_BV = jnp.sort(logits_BV, axis=-1)
+    kth_B1 = jax.lax.dynamic_index_in_dim(sorted_BV, V - k, axis=-1)  # k-th largest
     logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-    sampled = jax.random.categorical(key, logits_BV / jnp.maximum(temperature, 1e-6), axis=-1)
+    t = jnp.maximum(temperature, 1e-6)
+    scaled_BV = logits_BV / t
+    # The nucleus, from the same sort (the top-k cut and the temperature keep the order):
+    # the likeliest tokens whose predecessors hold less than top_p of the probability.
+    desc_BV = jnp.flip(jnp.where(sorted_BV < kth_B1, -jnp.inf, sorted_BV), axis=-1) / t
+    probs_BV = jax.nn.softmax(desc_BV, axis=-1)
+    cum_BV = jnp.cumsum(probs_BV, axis=-1)
+    before_BV = jnp.concatenate([jnp.zeros_like(cum_BV[..., :1]), cum_BV[..., :-1]], axis=-1)
+    n_B1 = jnp.sum(before_BV < top_p, axis=-1, keepdims=True)  # >= 1: nothing comes before the first
+    last_B1 = jnp.take_along_axis(desc_BV, n_B1 - 1, axis=-1)  # the least likely token kept
+    scaled_BV = jnp.where((scaled_BV < last_B1) & (top_p < 1), -jnp.inf, scaled_BV)  # top_p >= 1: unchanged
+    sampled = jax.random.categorical(key, scaled_BV, axis=-1)
     greedy = jnp.argmax(logits_BV, axis=-1)
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-def check_sampling(*, temperature: float, top_k: int, seed: int, names: Optional[dict] = None) -> None:
-    """Raise ``ValueError`` naming the setting unless temperature, top-k and seed are usable.
+def check_sampling(*, temperature: float, top_k: int, seed: int, top_p: float = 1.0,
+                   names: Optional[dict] = None) -> None:
+    """Raise ``ValueError`` naming the setting unless temperature, top-k, top-p and seed are usable.
 
     ``temperature``: a finite number >= 0 (0: greedy); ``top_k``: an integer >= 0
-    (0, or more than the vocabulary: every token); ``seed``: an integer in
-    ``[0, 2**32)``. ``names`` maps these to the caller's names for them (a config
-    key or a command-line flag).
+    (0, or more than the vocabulary: every token); ``top_p``: a finite number in
+    ``(0, 1]`` (1: off); ``seed``: an integer in ``[0, 2**32)``. ``names`` maps
+    these to the caller's names for them (a config key or a command-line flag).
     """
     names = names or {}
     if not (isinstance(temperature, (int, float, np.floating, np.integer)) and math.isfinite(temperature)
@@ -112,17 +132,22 @@ def check_sampling(*, temperature: float, top_k: int, seed: int, names: Optional
                          f">= 0 (0: greedy)")
     if not (isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool) and top_k >= 0):
         raise ValueError(f"{names.get('top_k', 'top_k')}={top_k!r}: must be an integer >= 0 (0: every token)")
+    if not (isinstance(top_p, (int, float, np.floating, np.integer)) and not isinstance(top_p, bool)
+            and 0 < top_p <= 1):  # NaN and inf fail too
+        raise ValueError(f"{names.get('top_p', 'top_p')}={top_p!r}: must be a finite number in (0, 1] (1: off)")
     if not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2**32):
         raise ValueError(f"{names.get('seed', 'seed')}={seed!r}: must be an integer in [0, 2**32)")
 
 
 def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt: np.ndarray, *,
-             tokens: int, block_size: int, temperature: float = 1.0, top_k: int = 0,
+             tokens: int, block_size: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, num_samples: int = 1, kv_cache: Optional[bool] = None) -> np.ndarray:
     """Continue ``prompt`` (1-D token ids) by ``tokens`` tokens, ``num_samples`` times.
 
     Only the last ``block_size`` prompt tokens are seen; an empty prompt starts
     at ``"\\n"``. Returns the new tokens, int32 ``[num_samples, tokens]``.
+    ``temperature``, ``top_k`` and ``top_p`` are as in :func:`pick` (checked
+    by :func:`check_sampling`); ``top_p=1`` is off.
     ``kv_cache``: decode through the model's KV cache while the sequence fits
     ``block_size`` (None: when the model has ``init_cache`` and ``decode``;
     False: always the sliding window). Tokens are collected on the device and
@@ -130,14 +155,14 @@ def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt
     inputs only, so under a multi-process mesh every process passes identical
     values and JAX treats them as replicated.
     """
-    check_sampling(temperature=temperature, top_k=top_k, seed=seed)
+    check_sampling(temperature=temperature, top_k=top_k, seed=seed, top_p=top_p)
     prompt = np.asarray(prompt, dtype=np.int32).reshape(-1)
     if prompt.size == 0:
         prompt = _START.astype(np.int32)
     prompt = prompt[-block_size:]
     # top_k beyond the vocabulary keeps every token, as 0 does (and would overflow int32)
     top_k = 0 if top_k > np.iinfo(np.int32).max else top_k
-    seed, temperature, top_k = np.uint32(seed), np.float32(temperature), np.int32(top_k)
+    seed, temperature, top_k, top_p = np.uint32(seed), np.float32(temperature), np.int32(top_k), np.float32(top_p)
     if tokens <= 0:
         return np.zeros((num_samples, 0), np.int32)
     model = nnx.merge(graphdef, params, model_state)
@@ -150,11 +175,11 @@ def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt
         cache = model.init_cache(num_samples)
         for pos, tok in enumerate(prompt[:-1]):
             cache, _ = _cached_step(graphdef, params, model_state, cache, np.full(num_samples, tok, np.int32),
-                                    np.int32(pos), seed, np.int32(0), temperature, top_k)
+                                    np.int32(pos), seed, np.int32(0), temperature, top_k, top_p)
         token_B = np.full(num_samples, prompt[-1], np.int32)
         for pos in range(prompt.size - 1, min(block_size, prompt.size - 1 + tokens)):
             cache, token_B = _cached_step(graphdef, params, model_state, cache, token_B, np.int32(pos), seed,
-                                          np.int32(len(out)), temperature, top_k)
+                                          np.int32(len(out)), temperature, top_k, top_p)
             out.append(token_B)
         del cache
     if len(out) < tokens:  # the sliding window: from the start, or once the sequence outgrew block_size
@@ -166,13 +191,13 @@ def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt
             window, length = seq[:, -block_size:].astype(np.int32), np.int32(block_size)
         for i in range(len(out), tokens):
             window, length, token_B = _decode_step(graphdef, params, model_state, window, length, seed,
-                                                   np.int32(i), temperature, top_k)
+                                                   np.int32(i), temperature, top_k, top_p)
             out.append(token_B)
     return np.stack(jax.device_get(out), axis=1)
 
 
 def sample_text(state, prompt: str, *, tokens: int, temperature: float = 1.0, top_k: int = 0,
-                seed: int = 0, num_samples: int = 1, kv_cache: Optional[bool] = None,
+                top_p: float = 1.0, seed: int = 0, num_samples: int = 1, kv_cache: Optional[bool] = None,
                 byte_level: bool = True) -> list[str]:
     """``prompt`` + generated text from a :class:`~jaxtrain.state.TrainState` of a GPT.
 
@@ -185,7 +210,7 @@ def sample_text(state, prompt: str, *, tokens: int, temperature: float = 1.0, to
     config = state.model().config
     ids = data.prompt_tokens(prompt, byte_level=byte_level, vocab_size=config.vocab_size)
     new = generate(state.graphdef, state.params, state.model_state, ids, tokens=tokens,
-                   block_size=config.block_size, temperature=temperature, top_k=top_k, seed=seed,
+                   block_size=config.block_size, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    num_samples=num_samples, kv_cache=kv_cache)
     if byte_level:
         return [prompt + data.decode(row) for row in new]
@@ -209,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=200, help="tokens to generate (bytes, for text corpora)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: sample among the fewest most "
+                   "likely tokens holding this much probability, in (0, 1]; 1 = off")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples")
     return p
@@ -221,8 +248,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {flag}={value} must be >= {low}", file=sys.stderr)
             return 2
     try:
-        check_sampling(temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                       names={"temperature": "--temperature", "top_k": "--top-k", "seed": "--seed"})
+        check_sampling(temperature=args.temperature, top_k=args.top_k, seed=args.seed, top_p=args.top_p,
+                       names={"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+                              "seed": "--seed"})
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -245,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     texts = sample_text(state, args.prompt, tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
-                        seed=args.seed, num_samples=args.num_samples, byte_level=byte_level)
+                        top_p=args.top_p, seed=args.seed, num_samples=args.num_samples, byte_level=byte_level)
     print("\n\n-----\n\n".join(texts))
     return 0
 

@@ -42,7 +42,8 @@ def language_model(cfg: Config, *, with_data: bool = True) -> Task:
 
     def sample(state, step: int) -> str:
         return generate.sample_text(state, tc.sample_prompt, tokens=tc.sample_tokens,
-                                    temperature=tc.sample_temperature, top_k=tc.sample_top_k, seed=step,
+                                    temperature=tc.sample_temperature, top_k=tc.sample_top_k,
+                                    top_p=tc.sample_top_p, seed=step,
                                     byte_level=byte_level)[0]
 
     def warm_up(state) -> None:  # compile the decoders the samples will use, before the loop

@@ -136,6 +136,11 @@ class GPT(nnx.Module):
     """
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        """Raises ``ValueError`` for ``cfg.dtype`` float16: its gradients underflow without loss scaling,
+        which jaxtrain does not do."""
+        if _dtype(cfg) == jnp.float16:
+            raise ValueError(f"GPTConfig.dtype={cfg.dtype!r}: float16 needs loss scaling, which jaxtrain does not "
+                             "do; use dtype='bfloat16' (float32's range at the same memory) or 'float32'")
         self.config = cfg
         self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=nnx.initializers.normal(_STD), rngs=rngs)
         self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=nnx.initializers.normal(_STD), rngs=rngs)

@@ -17,6 +17,6 @@ class GPTConfig:
     dropout: float = 0.0  # dropout rate on attention and residual paths
     bias: bool = True  # biases in Linear and LayerNorm layers, like GPT-2
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32; no float16: no loss scaling)
     remat: bool = False  # recompute each block in the backward to save memory
     attention: str = "xla"  # attention implementation: xla (written out) | cudnn (NVIDIA GPUs)

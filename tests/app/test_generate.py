@@ -1,4 +1,5 @@
-"""Sampling: the token picker's statistics, the fixed-shape decode, and the generate CLI."""
+"""Sampling: the token picker's statistics (temperature, top-k, top-p), the fixed-shape decode, and the
+generate CLI."""
 
 import functools
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxtrain.app import data
+from jaxtrain.app import config, data
 from jaxtrain.app import generate
 from jaxtrain.models import GPT
 from jaxtrain.models.gpt import GPTConfig
@@ -28,9 +29,24 @@ def model_parts():
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
-def _pick(logits, seed, temperature, top_k):
-    return np.asarray(generate.pick(jnp.asarray(logits, jnp.float32), jax.random.key(seed),
-                                    jnp.float32(temperature), jnp.int32(top_k)))
+@jax.jit
+def _jit_pick(logits, key, temperature, top_k, top_p):
+    return generate.pick(logits, key, temperature, top_k, top_p)
+
+
+def _pick(logits, seed, temperature, top_k, top_p=1.0):
+    return np.asarray(_jit_pick(jnp.asarray(logits, jnp.float32), jax.random.key(seed), jnp.float32(temperature),
+                                jnp.int32(top_k), jnp.float32(top_p)))
+
+
+def _pick_before_top_p(logits_BV, key, temperature, top_k):
+    """The picker as it was before top-p (temperature and top-k only), to hold top_p=1 to it."""
+    V = logits_BV.shape[-1]
+    k = jnp.where((top_k >= 1) & (top_k <= V), top_k, V)
+    kth_B1 = jax.lax.dynamic_index_in_dim(jnp.sort(logits_BV, axis=-1), V - k, axis=-1)
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    sampled = jax.random.categorical(key, logits_BV / jnp.maximum(temperature, 1e-6), axis=-1)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
 
 
 def test_greedy_and_top1_pick_the_argmax():
@@ -55,6 +71,96 @@ def test_temperature_matches_softmax_of_scaled_logits(temperature):
     freq = np.bincount(picked, minlength=4) / len(picked)
     p = np.exp(logits[0] / temperature)
     np.testing.assert_allclose(freq, p / p.sum(), atol=0.015)
+
+
+# --- top-p (nucleus) ------------------------------------------------------------------------
+# P: a distribution whose nuclei are known: 0.4, 0.7, 0.9, 0.96, 1.0 are the running sums, likeliest first.
+P = np.array([0.06, 0.3, 0.04, 0.4, 0.2])
+BY_LIKELIHOOD = [3, 1, 4, 0, 2]
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 0), (1.3, 5), (2.0, 20), (0.0, 0)])
+def test_top_p_one_draws_exactly_the_samples_of_before(temperature, top_k):
+    logits = np.random.default_rng(2).normal(size=(256, 50)) * 3
+    before = jax.jit(_pick_before_top_p)
+    for seed in range(3):
+        want = np.asarray(before(jnp.asarray(logits, jnp.float32), jax.random.key(seed), jnp.float32(temperature),
+                                 jnp.int32(top_k)))
+        np.testing.assert_array_equal(_pick(logits, seed, temperature, top_k, 1.0), want)
+        np.testing.assert_array_equal(np.asarray(generate.pick(  # and the default is 1
+            jnp.asarray(logits, jnp.float32), jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k))),
+            want)
+
+
+@pytest.mark.parametrize("top_p, kept", [(1e-6, 1), (0.3, 1), (0.35, 1), (0.5, 2), (0.85, 3), (0.93, 4),
+                                         (0.97, 5)])
+def test_top_p_samples_only_the_smallest_nucleus_renormalised(top_p, kept):
+    logits = np.repeat(np.log(P)[None], 20000, axis=0)
+    picked = _pick(logits, 11, 1.0, 0, top_p)
+    nucleus = BY_LIKELIHOOD[:kept]
+    assert set(picked) == set(nucleus)  # never outside it, and every token of it appears
+    freq = np.bincount(picked, minlength=len(P)) / len(picked)
+    np.testing.assert_allclose(freq[nucleus], P[nucleus] / P[nucleus].sum(), atol=0.015)
+
+
+def test_top_p_applies_after_temperature_and_top_k():
+    logits = np.repeat(np.log(P)[None], 8000, axis=0)
+    # at temperature 1 a top_p of 0.8 keeps 3 tokens (0.4 + 0.3 < 0.8); at 0.5 the probabilities are
+    # P**2 renormalised (0.54, 0.31, ...), so it keeps 2
+    assert set(_pick(logits, 0, 1.0, 0, 0.8)) == set(BY_LIKELIHOOD[:3])
+    assert set(_pick(logits, 0, 0.5, 0, 0.8)) == set(BY_LIKELIHOOD[:2])
+    # top-k first: of the 2 it keeps (0.4 and 0.3, renormalised 0.57 and 0.43) top_p 0.5 keeps the first
+    # only, where on all 5 it would keep 2
+    assert set(_pick(logits, 0, 1.0, 2, 0.5)) == set(BY_LIKELIHOOD[:1])
+    assert set(_pick(logits, 0, 1.0, 2, 0.6)) == set(BY_LIKELIHOOD[:2])
+    assert set(_pick(logits, 0, 0.0, 0, 0.8)) == {BY_LIKELIHOOD[0]}  # greedy stays greedy
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_a_tiny_top_p_is_greedy_in_both_decoders(model_parts, kv_cache):
+    prompt = data.encode("for i in")
+    greedy = generate.generate(*model_parts, prompt, tokens=20, block_size=BLOCK, temperature=0.0)
+    for seed in (0, 1):
+        nucleus = generate.generate(*model_parts, prompt, tokens=20, block_size=BLOCK, temperature=1.0, top_p=1e-6,
+                                    seed=seed, num_samples=2, kv_cache=kv_cache)
+        np.testing.assert_array_equal(nucleus, np.repeat(greedy, 2, axis=0))
+
+
+def test_top_p_changes_the_samples_of_the_model(model_parts):
+    prompt = data.encode("x")
+    kw = dict(tokens=24, block_size=BLOCK, temperature=1.0, seed=4, num_samples=2)
+    every = generate.generate(*model_parts, prompt, **kw)
+    np.testing.assert_array_equal(generate.generate(*model_parts, prompt, top_p=1.0, **kw), every)
+    half = generate.generate(*model_parts, prompt, top_p=0.5, **kw)
+    assert not np.array_equal(half, every)
+    np.testing.assert_array_equal(generate.generate(*model_parts, prompt, top_p=0.5, **kw), half)
+
+
+def test_top_p_passes_through_sample_text():
+    class State:  # enough of a TrainState for sample_text
+        def __init__(self, model):
+            self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            self.params, self.model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+            self._model = model
+
+        def model(self):
+            return self._model
+
+    state = State(GPT(GPTConfig(block_size=BLOCK, n_layer=1, n_head=2, n_embd=32), rngs=nnx.Rngs(3)))
+    kw = dict(tokens=12, temperature=1.0, seed=2)
+    greedy = generate.sample_text(state, "ab", tokens=12, temperature=0.0)
+    assert generate.sample_text(state, "ab", top_p=1e-6, **kw) == greedy != generate.sample_text(state, "ab", **kw)
+
+
+def test_the_lm_task_samples_with_train_sample_top_p(monkeypatch):
+    from jaxtrain.app import lm
+
+    seen = {}
+    monkeypatch.setattr(generate, "sample_text", lambda state, prompt, **kw: [seen.update(kw) or "text"])
+    cfg = config.load("tiny", ["train.sample_top_p=0.9", "train.sample_top_k=7"])
+    lm.language_model(cfg, with_data=False).sample(None, 3)
+    assert seen["top_p"] == 0.9 and seen["top_k"] == 7 and seen["seed"] == 3
+    assert config.load("tiny").train.sample_top_p == 1.0  # off unless asked for
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -95,13 +201,14 @@ def test_greedy_decode_equals_reference_through_the_sliding_window(model_parts, 
     np.testing.assert_array_equal(out[0], _greedy_reference(model_parts, prompt, n))
 
 
-def test_decode_compiles_once_for_any_prompt_length_temperature_and_top_k(model_parts):
+def test_decode_compiles_once_for_any_prompt_length_temperature_top_k_and_top_p(model_parts):
     prompt = data.encode("def f(x):")
     generate.generate(*model_parts, prompt, tokens=2, block_size=BLOCK)  # warm up this model's shapes
     before = generate._decode_step._cache_size(), generate._cached_step._cache_size()
-    for p, n, t, k, seed in [("", 3, 0.0, 0, 1), ("x" * 50, 7, 1.3, 5, 2), ("import os\n", 1, 0.7, 1, 3)]:
+    for p, n, t, k, top_p, seed in [("", 3, 0.0, 0, 1.0, 1), ("x" * 50, 7, 1.3, 5, 0.5, 2),
+                                    ("import os\n", 1, 0.7, 1, 0.9, 3), ("y" * 12, 9, 1.0, 0, 0.01, 4)]:
         out = generate.generate(*model_parts, data.encode(p), tokens=n, block_size=BLOCK, temperature=t,
-                                top_k=k, seed=seed)
+                                top_k=k, top_p=top_p, seed=seed)
         assert out.shape == (1, n)
     assert (generate._decode_step._cache_size(), generate._cached_step._cache_size()) == before
 
@@ -143,6 +250,12 @@ def test_huge_seed_and_top_k_sample_instead_of_overflowing(model_parts):
     (dict(temperature=float("nan")), "temperature=nan: must be a finite number >= 0"),
     (dict(temperature=-0.5), "temperature=-0.5"),
     (dict(top_k=-1), "top_k=-1: must be an integer >= 0"),
+    (dict(top_p=0), "top_p=0: must be a finite number in (0, 1] (1: off)"),
+    (dict(top_p=0.0), "top_p=0.0: must be a finite number in (0, 1]"),
+    (dict(top_p=1.5), "top_p=1.5: must be a finite number in (0, 1]"),
+    (dict(top_p=-0.2), "top_p=-0.2"),
+    (dict(top_p=float("nan")), "top_p=nan: must be a finite number in (0, 1]"),
+    (dict(top_p=float("inf")), "top_p=inf"),
     (dict(seed=2**32), "seed=4294967296: must be an integer in [0, 2**32)"),
     (dict(seed=-1), "seed=-1"),
 ])
@@ -168,10 +281,10 @@ def test_cli_without_a_checkpoint_fails_in_one_line(tmp_path):
     assert len(lines) == 1 and "error:" in lines[0] and "nothing" in lines[0], r.stderr
 
 
-@pytest.mark.parametrize("prompt_len, n", [(1, 10), (5, 30), (16, 3)])
-def test_kv_cache_and_sliding_window_draw_the_same_samples(model_parts, prompt_len, n):
+@pytest.mark.parametrize("prompt_len, n, top_p", [(1, 10, 1.0), (5, 30, 1.0), (16, 3, 1.0), (5, 30, 0.6)])
+def test_kv_cache_and_sliding_window_draw_the_same_samples(model_parts, prompt_len, n, top_p):
     prompt = np.random.default_rng(prompt_len).integers(0, 256, prompt_len)
-    kw = dict(tokens=n, block_size=BLOCK, temperature=1.0, top_k=0, seed=5, num_samples=3)
+    kw = dict(tokens=n, block_size=BLOCK, temperature=1.0, top_k=0, top_p=top_p, seed=5, num_samples=3)
     cached = generate.generate(*model_parts, prompt, kv_cache=True, **kw)
     window = generate.generate(*model_parts, prompt, kv_cache=False, **kw)
     np.testing.assert_array_equal(cached, window)
@@ -217,3 +330,24 @@ def test_cli_refuses_unusable_sampling_flags_in_one_line(tmp_path, flag, value, 
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan", "-1"])
+def test_top_p_out_of_range_is_refused_alike_by_the_api_the_cli_and_the_config(tmp_path, capsys, value):
+    with pytest.raises(ValueError) as api:
+        generate.generate(None, None, None, data.encode("x"), tokens=4, block_size=BLOCK, top_p=float(value))
+    why = str(api.value).split(": ", 1)[1]
+    assert str(api.value).startswith(f"top_p={float(value)!r}: ") and "(0, 1]" in why
+
+    assert generate.main(["--run-dir", str(tmp_path / "nothing"), "--top-p", value]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == f"error: --top-p={float(value)!r}: {why}", lines
+
+    with pytest.raises(config.ConfigError) as cfg:
+        config.load("tiny", [f"train.sample_top_p={value}"])
+    assert str(cfg.value) == f"train.sample_top_p={float(value)!r}: {why}"
+
+
+def test_top_p_flag_defaults_to_off():
+    assert generate._parser().parse_args(["--run-dir", "r"]).top_p == 1.0
+    assert generate._parser().parse_args(["--run-dir", "r", "--top-p", "0.9"]).top_p == 0.9

@@ -109,6 +109,30 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert not np.array_equal(low, ref)  # it really ran in bfloat16
 
 
+def test_float16_is_refused_for_bfloat16():
+    # no loss scaling in jaxtrain: float16 gradients would underflow
+    for dtype in ("float16", "half"):
+        with pytest.raises(ValueError) as info:
+            GPT(dataclasses.replace(CFG, dtype=dtype), rngs=nnx.Rngs(0))
+        message = str(info.value)
+        assert f"GPTConfig.dtype={dtype!r}" in message and "loss scaling" in message and "bfloat16" in message
+        assert len(message.splitlines()) == 1
+
+
+def test_float16_in_the_config_is_refused_in_one_line():
+    from jaxtrain.app import config
+
+    with pytest.raises(config.ConfigError) as info:
+        config.load("tiny", ["model.dtype=float16"])
+    message = str(info.value)
+    assert message.startswith("model.dtype='float16': ") and "loss scaling" in message
+    assert "model.dtype=bfloat16" in message and len(message.splitlines()) == 1
+    with pytest.raises(config.ConfigError) as info:  # a bad choice lists what is allowed: float16 is not
+        config.load("tiny", ["model.dtype=float64"])
+    assert str(info.value).endswith("must be one of float32, bfloat16")
+    assert config.load("tiny", ["model.dtype=bfloat16"]).model.dtype == "bfloat16"
+
+
 def test_remat_does_not_change_the_forward():
     x = _tokens()
     ref = forward(GPT(CFG, rngs=nnx.Rngs(0)), x)

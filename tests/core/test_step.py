@@ -338,6 +338,16 @@ def _message(fn, *args, **kw) -> str:
     return str(info.value)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, np.float16, "float16"])
+def test_float16_compute_is_refused_for_bfloat16(dtype):
+    # no loss scaling: float16 gradients underflow, so train_step and eval_step refuse it by name
+    state, batch = gpt_state(), lm_batch(4)
+    for fn in (train_step, eval_step):
+        message = _message(jax.jit(functools.partial(fn, compute_dtype=dtype)), state, batch)
+        assert message.startswith("compute_dtype=float16: ") and "loss scaling" in message
+        assert "jnp.bfloat16" in message and len(message.splitlines()) == 1
+
+
 def test_batch_not_divisible_by_grad_accum():
     message = _message(jax.jit(functools.partial(train_step, grad_accum=3)), gpt_state(), lm_batch(8))
     assert "batch size [8]" in message and "grad_accum=3" in message

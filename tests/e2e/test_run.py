@@ -111,7 +111,7 @@ BAD_INPUTS = {
                           ["ids.npy", "max token id 299", "model.vocab_size=256"]),
     "unknown key": (lambda tmp: ["optim.lrr=0.1"], ["'optim.lrr'", "did you mean 'optim.lr'"]),
     "wrong type": (lambda tmp: ["train.steps=many"], ["'train.steps'", "'many'"]),
-    "bad choice": (lambda tmp: ["model.dtype=float8"], ["model.dtype='float8'", "float32, bfloat16, float16"]),
+    "bad choice": (lambda tmp: ["model.dtype=float8"], ["model.dtype='float8'", "float32, bfloat16"]),
     "batch does not split": (lambda tmp: ["train.batch_size=12"], ["train.batch_size=12", "divisible"]),
     "changed model on resume": (lambda tmp: ["model.n_layer=3"], ["model.n_layer", "saved 2", "now 3"]),
     "CPU backend in bfloat16": (lambda tmp: ["backend=cpu", "model.dtype=bfloat16"],
