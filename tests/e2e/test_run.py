@@ -59,8 +59,8 @@ def test_tiny_run_learns_and_writes_its_run_dir(tiny_run):
     assert val[40] < val[20]
 
     header = next(line for line in r.stdout.splitlines() if line.startswith("run_dir "))
-    assert header.endswith("on 8 cpu devices | matmuls XLA (the BLAS path runs each product on one device "
-                           "and this process has 8)")
+    assert ("on 8 cpu devices | matmuls XLA (the BLAS path runs each product on one device "
+            "and this process has 8) | step memory ") in header, header
     summary = _summary(r.stdout)
     assert summary.startswith("done: 40 steps") and f"final val loss {val[40]:.4f}" in summary
     baseline = float(summary.split("unigram baseline ")[1].split(")")[0])
