@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,12 @@ def test_wandb_offline_history_equals_metrics_jsonl_across_a_resume(tmp_path):
     # the profiler window (steps 2-4 of the first process) left a trace for TensorBoard's profile tab
     traces = list((run_dir / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
+    # ... and the plugin lists it (tensorboard-plugin-profile, in the test extra)
+    from xprof import profile_plugin
+
+    context = types.SimpleNamespace(logdir=str(run_dir / "tb"), data_provider=None,
+                                    flags=types.SimpleNamespace(master_tpu_unsecure_channel=""))
+    assert list(profile_plugin.ProfilePlugin(context).generate_runs()) == [traces[0].parent.name]
 
 
 def test_without_the_wandb_package_log_wandb_is_one_error_line(tmp_path):
