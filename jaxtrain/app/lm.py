@@ -25,10 +25,14 @@ def _check_devices(cfg: Config) -> None:
                           "use model.attention=xla")
 
 
+def _abstract_gpt(cfg: Config) -> GPT:
+    """The GPT of ``cfg.model`` with shapes only (no arrays allocated)."""
+    return nnx.eval_shape(lambda: GPT(cfg.model, rngs=nnx.Rngs(0)))
+
+
 def flops_per_token(cfg: Config) -> float:
     """The GPT's training FLOPs per token (:meth:`GPT.flops_per_token`), from shapes only."""
-    model = nnx.eval_shape(lambda: GPT(cfg.model, rngs=nnx.Rngs(0)))
-    return model.flops_per_token()
+    return _abstract_gpt(cfg).flops_per_token()
 
 
 def language_model(cfg: Config, *, with_data: bool = True) -> Task:
@@ -72,13 +76,13 @@ def language_model(cfg: Config, *, with_data: bool = True) -> Task:
                 for i in range(tc.eval_batches)]
 
     baseline = data.unigram_entropy(corpus.val)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: model(nnx.Rngs(0))),
-                                                                nnx.Param)))
+    abstract = _abstract_gpt(cfg)
+    n_params = abstract.num_params(non_embedding=False)
     describe = (f"GPT {n_params / 1e6:.2f}M params | corpus '{corpus.name}': {len(corpus.train):,} train / "
                 f"{len(corpus.val):,} val tokens, unigram entropy {baseline:.4f}")
     return Task(batch=local_batch, local_batch=local_batch,
                 eval_batches=local_eval_batches, local_eval_batches=local_eval_batches,
-                flops_per_example=flops_per_token(cfg) * mc.block_size, baseline=baseline,
+                flops_per_example=abstract.flops_per_token() * mc.block_size, baseline=baseline,
                 describe=describe, **base)
 
 

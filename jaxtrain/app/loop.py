@@ -52,7 +52,6 @@ from jaxtrain.step import eval_step, train_step
 PyTree = Any
 CONFIG_FILE = "config.yaml"
 SAMPLES_FILE = "samples.txt"
-TB_DIR = "tb"  # under run_dir: TensorBoard's events and the profiler's traces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +308,7 @@ def _train(run: Run, mngr, log: metrics.MetricsLog, state: TrainState, start: in
     clock = metrics.Stopwatch()  # training time only: eval, samples and checkpoints are excluded
     batches = data.Prefetcher(run.batch, start, tc.steps, depth=cfg.data.prefetch, place=run.place)
     watch = signals.NonFiniteWatch(tc.max_nonfinite)
-    window = profiler.Window(cfg.log.profile_start, cfg.log.profile_steps, run_path(cfg) / TB_DIR,
+    window = profiler.Window(cfg.log.profile_start, cfg.log.profile_steps, run_path(cfg) / metrics.TB_DIR,
                              enabled=run.is_main)
     with batches, signals.StopSignals() as stop, window:
         _announce(run, log, resumed)

@@ -1,7 +1,7 @@
 """What the run loop trains: a :class:`Task` — a model factory, a loss and a batch function.
 
 The loop knows nothing else about the model or the data. The built-in GPT
-language model is one task (:func:`language_model`, ``task=lm``); a user's own
+language model is one task (:func:`jaxtrain.app.lm.language_model`, ``task=lm``); a user's own
 module is another (``task=my_module``, ``task=my_module:attr`` or
 ``task=path/to/file.py``). Such a module defines, at top level::
 
@@ -41,7 +41,7 @@ from jaxtrain.state import TrainState
 
 PyTree = Any
 
-__all__ = ["Task", "load", "language_model", "from_module", "state_factory", "host_batch"]
+__all__ = ["Task", "load", "from_module", "state_factory", "host_batch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +101,6 @@ def load(cfg: Config, *, with_data: bool = True) -> Task:
 
         return lm.language_model(cfg, with_data=with_data)
     return from_module(cfg.task, cfg)
-
-
-def language_model(cfg: Config, *, with_data: bool = True) -> Task:
-    """The built-in GPT on ``cfg.data`` (see :mod:`jaxtrain.app.lm`)."""
-    from jaxtrain.app import lm
-
-    return lm.language_model(cfg, with_data=with_data)
 
 
 _REQUIRED = ("model", "loss", "batch")
