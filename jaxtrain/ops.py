@@ -25,10 +25,10 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["dense", "matmul", "layer_norm", "causal_attention", "add_positions", "register", "unregister",
-           "registered", "OPS"]
+__all__ = ["dense", "matmul", "layer_norm", "causal_attention", "add_positions", "rms_norm", "rotary", "swiglu",
+           "register", "unregister", "registered", "OPS"]
 
-OPS = ("dense", "matmul", "layer_norm", "causal_attention", "add_positions")
+OPS = ("dense", "matmul", "layer_norm", "causal_attention", "add_positions", "rms_norm", "rotary", "swiglu")
 _impls: dict[str, Callable] = {}
 
 
@@ -58,15 +58,22 @@ def _dispatch(op: str, *args, **kwargs):
 
 
 def dense(x_MK: jax.Array, kernel_KN: jax.Array, bias_N: Optional[jax.Array] = None, *,
-          gelu: bool = False) -> jax.Array:
+          gelu: bool = False, approximate: bool = False) -> jax.Array:
     """``x @ kernel + bias`` over the last axis, then the exact (erf) GELU when ``gelu``.
+
+    ``approximate`` (with ``gelu``) takes GELU's tanh approximation instead,
+    ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``: GPT-2's ``gelu_new``.
+    A registered implementation sees ``approximate=True`` only when it is set,
+    so one written before the keyword existed fails loudly rather than
+    computing the exact GELU in its place.
 
     ``x`` may have any leading axes; they are flattened into one, so every
     forward and backward product is a plain 2-D matmul that reads its operands
     in place (a ``[B, T, K]`` operand would make the weight gradient contract
     over two axes, which XLA:CPU prepares with a transposing copy).
     """
-    out = _dispatch("dense", x_MK, kernel_KN, bias_N, gelu=gelu)
+    variant = {"approximate": True} if approximate else {}
+    out = _dispatch("dense", x_MK, kernel_KN, bias_N, gelu=gelu, **variant)
     if out is not NotImplemented:
         return out
     x = x_MK.reshape(-1, x_MK.shape[-1])
@@ -74,7 +81,7 @@ def dense(x_MK: jax.Array, kernel_KN: jax.Array, bias_N: Optional[jax.Array] = N
     if bias_N is not None:
         y = y + bias_N.astype(y.dtype)
     if gelu:
-        y = jax.nn.gelu(y, approximate=False)  # exact, as torch's nn.GELU()
+        y = jax.nn.gelu(y, approximate=approximate)  # exact by default, as torch's nn.GELU()
     return y.reshape(*x_MK.shape[:-1], -1)
 
 
@@ -145,3 +152,42 @@ def add_positions(tok_BTC: jax.Array, pos_TC: jax.Array) -> jax.Array:
     if out is not NotImplemented:
         return out
     return tok_BTC + pos_TC
+
+
+def rms_norm(x: jax.Array, scale: Optional[jax.Array], *, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, returned in ``x``'s dtype.
+
+    Hugging Face's ``LlamaRMSNorm`` order: normalise in float32
+    (``x * rsqrt(mean(x^2) + eps)``), cast back to ``x``'s dtype, then multiply
+    by ``scale`` (cast to that dtype).
+    """
+    out = _dispatch("rms_norm", x, scale, eps=eps)
+    if out is not NotImplemented:
+        return out
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)).astype(x.dtype)
+    return y if scale is None else scale.astype(x.dtype) * y
+
+
+def rotary(x_H: jax.Array, cos_H: jax.Array, sin_H: jax.Array) -> jax.Array:
+    """Rotary position embedding with the "rotate half" pairing: ``x * cos + rotate_half(x) * sin``.
+
+    ``rotate_half(x) = concat(-x2, x1)`` for the first and second halves
+    ``x1, x2`` of the last axis (Hugging Face's Llama convention: feature ``i``
+    pairs with ``i + H/2``, not with its neighbour). ``cos`` / ``sin`` broadcast
+    against ``x`` (e.g. ``x [B, T, N, H]`` with ``cos [T, 1, H]``) and hold each
+    frequency twice (``concat(angles, angles)``). Returns ``x``'s dtype.
+    """
+    out = _dispatch("rotary", x_H, cos_H, sin_H)
+    if out is not NotImplemented:
+        return out
+    x1, x2 = jnp.split(x_H, 2, axis=-1)
+    return x_H * cos_H.astype(x_H.dtype) + jnp.concatenate([-x2, x1], axis=-1) * sin_H.astype(x_H.dtype)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` elementwise (``silu(g) = g * sigmoid(g)``): the gated MLP's hidden activation."""
+    out = _dispatch("swiglu", gate, up)
+    if out is not NotImplemented:
+        return out
+    return jax.nn.silu(gate) * up

@@ -4,7 +4,8 @@ Each takes float32 operands in a process with one CPU device (where a custom
 call does not make XLA gather sharded operands onto every device) and returns
 ``NotImplemented`` for anything else, which then runs as plain XLA:
 
-- ``dense``: MKL's sgemm on the 2-D product; bias + exact GELU as one fused kernel.
+- ``dense``: MKL's sgemm on the 2-D product; bias + exact GELU as one fused kernel
+  (the tanh-approximate GELU is handed back).
 - ``matmul``: MKL's sgemm (the tied head's ``x @ wte.T``).
 - ``layer_norm``: one fused kernel each way (float32 statistics, as the plain op).
 - ``causal_attention``: the fused attention kernel without dropout; with
@@ -41,8 +42,8 @@ def _takes(*arrays) -> bool:
     return blas.why_not(*(a for a in arrays if a is not None), devices=not _all_devices) is None
 
 
-def dense(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], *, gelu: bool):
-    if not _takes(x, kernel, bias):
+def dense(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], *, gelu: bool, approximate: bool = False):
+    if (gelu and approximate) or not _takes(x, kernel, bias):  # the fused kernel is the exact GELU only
         return NotImplemented
     x_MK = x.reshape(-1, x.shape[-1])
     y_MN = blas.matmul(x_MK, kernel, use_blas=True)

@@ -1,7 +1,8 @@
 """A GPT in Flax NNX with nanoGPT's architecture and parameter names.
 
 Pre-LayerNorm blocks, causal multi-head attention (written out head-major, or a
-fused ``jax.nn.dot_product_attention`` kernel such as cuDNN), a 4x GELU MLP, learned positions, optional
+fused ``jax.nn.dot_product_attention`` kernel such as cuDNN), a GELU MLP (4x wide, exact GELU by
+default; width, tanh GELU and LayerNorm eps are options for Hugging Face GPT-2), learned positions, optional
 biases, optional weight tying and dropout. Attribute names follow nanoGPT's
 ``model.py`` (``wte``, ``wpe``, ``h[i].attn.c_attn``, ``ln_f``, ``lm_head``) so a
 PyTorch checkpoint maps onto it key by key (see :mod:`jaxtrain.models.interop`).
@@ -19,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtrain import ops
-from jaxtrain.models.gpt_config import GPTConfig
+from jaxtrain.models.gpt_config import ACTIVATIONS, GPTConfig
 from jaxtrain.diagnostics import attention_logit_stats
 
 __all__ = ["GPT", "GPTConfig"]
@@ -37,8 +38,8 @@ def _dtype(cfg: GPTConfig):
 
 
 def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # nanoGPT uses eps 1e-5; normalisation runs in float32 even under bfloat16 compute.
-    return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.float32, rngs=rngs)
+    # nanoGPT uses eps 1e-5 (the default); normalisation runs in float32 even under bfloat16 compute.
+    return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=jnp.float32, rngs=rngs)
 
 
 def _norm(ln: nnx.LayerNorm, x: jax.Array) -> jax.Array:
@@ -47,9 +48,10 @@ def _norm(ln: nnx.LayerNorm, x: jax.Array) -> jax.Array:
     return ops.layer_norm(x, param(ln.scale), param(ln.bias), eps=ln.epsilon)
 
 
-def _linear(layer: nnx.Linear, x: jax.Array, gelu: bool = False) -> jax.Array:
-    """``layer(x)`` (then the exact GELU) through :func:`jaxtrain.ops.dense`, in the input's dtype."""
-    return ops.dense(x, layer.kernel[...], None if layer.bias is None else layer.bias[...], gelu=gelu)
+def _linear(layer: nnx.Linear, x: jax.Array, gelu: bool = False, approximate: bool = False) -> jax.Array:
+    """``layer(x)`` (then the exact or tanh GELU) through :func:`jaxtrain.ops.dense`, in the input's dtype."""
+    return ops.dense(x, layer.kernel[...], None if layer.bias is None else layer.bias[...], gelu=gelu,
+                     approximate=approximate)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -95,12 +97,13 @@ class CausalSelfAttention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
-        self.c_fc = _dense(cfg, cfg.n_embd, 4 * cfg.n_embd, rngs)
-        self.c_proj = _dense(cfg, 4 * cfg.n_embd, cfg.n_embd, rngs, std=_STD / math.sqrt(2 * cfg.n_layer))
+        self.c_fc = _dense(cfg, cfg.n_embd, cfg.mlp_width, rngs)
+        self.c_proj = _dense(cfg, cfg.mlp_width, cfg.n_embd, rngs, std=_STD / math.sqrt(2 * cfg.n_layer))
         self.dropout = nnx.Dropout(cfg.dropout)
+        self.approximate = cfg.activation == "gelu_tanh"
 
     def __call__(self, x_BTC, *, rngs, deterministic):
-        h_BTF = _linear(self.c_fc, x_BTC, gelu=True)
+        h_BTF = _linear(self.c_fc, x_BTC, gelu=True, approximate=self.approximate)
         return self.dropout(_linear(self.c_proj, h_BTF), deterministic=deterministic, rngs=rngs)
 
 
@@ -141,6 +144,10 @@ class GPT(nnx.Module):
         if _dtype(cfg) == jnp.float16:
             raise ValueError(f"GPTConfig.dtype={cfg.dtype!r}: float16 needs loss scaling, which jaxtrain does not "
                              "do; use dtype='bfloat16' (float32's range at the same memory) or 'float32'")
+        if cfg.activation not in ACTIVATIONS:
+            raise ValueError(f"GPTConfig.activation={cfg.activation!r}: must be one of {', '.join(ACTIVATIONS)}")
+        if cfg.mlp_hidden is not None and cfg.mlp_hidden < 1:
+            raise ValueError(f"GPTConfig.mlp_hidden={cfg.mlp_hidden!r}: must be a positive width or None (4 * n_embd)")
         self.config = cfg
         self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=nnx.initializers.normal(_STD), rngs=rngs)
         self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=nnx.initializers.normal(_STD), rngs=rngs)

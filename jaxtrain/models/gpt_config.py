@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-__all__ = ["GPTConfig"]
+__all__ = ["GPTConfig", "ACTIVATIONS"]
+
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
@@ -20,3 +23,11 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32; no float16: no loss scaling)
     remat: bool = False  # recompute each block in the backward to save memory
     attention: str = "xla"  # attention implementation: xla (written out) | cudnn (NVIDIA GPUs)
+    activation: str = "gelu"  # MLP activation: gelu (exact, nanoGPT) | gelu_tanh (tanh approximation, HF GPT-2)
+    norm_eps: float = 1e-5  # LayerNorm epsilon (HF GPT-2: layer_norm_epsilon)
+    mlp_hidden: Optional[int] = None  # MLP hidden width (HF GPT-2: n_inner); None: 4 * n_embd
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width: ``mlp_hidden``, or ``4 * n_embd`` when unset."""
+        return 4 * self.n_embd if self.mlp_hidden is None else self.mlp_hidden
