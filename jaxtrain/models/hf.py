@@ -103,6 +103,13 @@ def _embedding_key(cfg: ModelConfig) -> str:
 # ---------------------------------------------------------------- reading safetensors
 
 
+def _require_safetensors() -> None:
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        raise ImportError("Hugging Face checkpoints need the safetensors package: pip install 'jaxtrain[hf]'") from None
+
+
 def _safetensors_files(path: Path) -> list[Path]:
     if (path / WEIGHTS).is_file():
         return [path / WEIGHTS]
@@ -143,6 +150,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
     bfloat16 tensors come back as float32; other dtypes as stored.
     """
+    _require_safetensors()
     from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, np.ndarray] = {}
@@ -283,6 +291,7 @@ def save_pretrained(model: nnx.Module, path: str | Path, *, tokenizer_json: str 
       CheckpointFormatError: for a model Hugging Face cannot represent (a GPT
         without biases) or a ``tokenizer_json`` that is not a file.
     """
+    _require_safetensors()
     from safetensors.numpy import save_file
 
     cfg, path = _config_of(model), Path(path)

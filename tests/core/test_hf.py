@@ -14,7 +14,8 @@ Tolerances (measured on this CPU in brackets):
 - 8 training steps, PyTorch AdamW + clip_grad_norm_ on the HF model against
   jaxtrain's train_step + make_optimizer on the imported one, same batches and
   settings: loss <= 2e-5 relative, pre-clip gradient norm <= 1e-4 relative at
-  every step                                                                   [<= 2e-6, <= 1e-5]
+  every step                                                                   [<= 3e-7, <= 2e-6]
+- final weights: per tensor ||jax - torch|| <= 1e-4 ||torch|| and far below how far they moved
 
 Weight decay mirrors :func:`jaxtrain.decay_mask` in torch's parameter groups:
 matrices decay, vectors do not, embedding tables only with ``decay_embeddings``.
@@ -363,11 +364,19 @@ def test_eight_training_steps_match_pytorch(kind, name, saved):
     norm_rel = np.abs(runs["jax_norm"] - runs["torch_norm"]) / np.abs(runs["torch_norm"])
     assert loss_rel.max() <= LOSS_RTOL, f"loss rel diff per step: {loss_rel}"
     assert norm_rel.max() <= GRAD_NORM_RTOL, f"grad norm rel diff per step: {norm_rel}"
-    assert runs["torch_loss"][-1] < runs["torch_loss"][0]  # it trained
-    # and the weights moved alike (norm-wise per tensor; AdamW amplifies rounding in near-zero gradients)
+    print(f"{kind}-{name}: max rel diff loss {loss_rel.max():.2g}, grad norm {norm_rel.max():.2g}")
+    # and the weights moved alike: norm-wise per tensor, as AdamW amplifies rounding in near-zero gradients;
+    # GPT-2's key bias has an exactly zero gradient (softmax ignores q . b_k), so both sides move it by
+    # amplified rounding noise alone: bounded in absolute terms (see tests/core/test_parity_torch.py)
+    start = {k: v.detach().numpy() for k, v in hf_model(kind, name).state_dict().items()}
     theirs = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     flat = {tuple(getattr(p, "key", p) for p in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     for key, jax_path, layout in weight_rows(state.model().config):
-        mine = layout.to_torch(np.asarray(flat[jax_path]))
-        assert np.linalg.norm(mine - theirs[key]) <= 1e-3 * np.linalg.norm(theirs[key]), key
+        mine, moved = layout.to_torch(np.asarray(flat[jax_path])), theirs[key] - start[key]
+        if key.endswith("attn.c_attn.bias"):
+            mine_qkv, theirs_qkv, moved_qkv = (np.split(a, 3) for a in (mine, theirs[key], moved))
+            assert np.abs(mine_qkv[1] - theirs_qkv[1]).max() <= 1e-4, key
+            mine, theirs[key], moved = (np.concatenate([a[0], a[2]]) for a in (mine_qkv, theirs_qkv, moved_qkv))
+        assert np.linalg.norm(moved) > 10 * np.linalg.norm(mine - theirs[key]), key
+        assert np.linalg.norm(mine - theirs[key]) <= 1e-4 * np.linalg.norm(theirs[key]), key

@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "jaxtrain"
 ENTRY_POINTS = {"run.py", "generate.py", "__main__.py"}
 CORE = sorted(p for p in PACKAGE.rglob("*.py")
               if p.relative_to(PACKAGE).parts[0] not in ("app", "cpu") and p.name not in ENTRY_POINTS)
-THIRD_PARTY_CORE = {"jax", "jaxlib", "flax", "optax", "numpy", "orbax"}
+THIRD_PARTY_CORE = {"jax", "jaxlib", "flax", "optax", "numpy", "orbax", "safetensors"}  # safetensors: in hf.py only
 APP_LIBRARIES = ("omegaconf", "yaml", "tqdm", "matplotlib", "tensorboardX", "torch")
 
 
