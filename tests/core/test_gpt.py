@@ -153,3 +153,25 @@ def test_decode_with_the_kv_cache_equals_the_full_forward(variant):
         logits.append(np.asarray(out))
     tol = 3e-2 if variant.get("dtype") == "bfloat16" else 1e-5
     np.testing.assert_allclose(np.stack(logits, axis=1), full, atol=tol, rtol=tol)
+
+
+def test_hugging_face_options_default_to_nanogpt():
+    cfg = GPTConfig()
+    assert (cfg.activation, cfg.norm_eps, cfg.mlp_hidden, cfg.mlp_width) == ("gelu", 1e-5, None, 4 * cfg.n_embd)
+    model = GPT(CFG, rngs=nnx.Rngs(0))
+    assert model.h[0].mlp.approximate is False and model.h[0].ln_1.epsilon == 1e-5
+
+
+def test_tanh_gelu_width_and_eps_options():
+    x = _tokens()
+    ref = forward(GPT(CFG, rngs=nnx.Rngs(0)), x)
+    tanh = GPT(dataclasses.replace(CFG, activation="gelu_tanh"), rngs=nnx.Rngs(0))
+    got = forward(tanh, x)
+    assert not np.array_equal(got, ref)
+    np.testing.assert_allclose(got, ref, atol=1e-2)  # the two GELUs differ by < 1e-3 pointwise
+    wide = GPT(dataclasses.replace(CFG, mlp_hidden=24, norm_eps=1e-3), rngs=nnx.Rngs(0))
+    assert wide.h[0].mlp.c_fc.kernel.shape == (16, 24) and wide.h[0].mlp.c_proj.kernel.shape == (24, 16)
+    assert wide.ln_f.epsilon == 1e-3
+    assert forward(wide, x).shape == ref.shape
+    with pytest.raises(ValueError, match=r"GPTConfig.activation='relu': must be one of gelu, gelu_tanh"):
+        GPT(dataclasses.replace(CFG, activation="relu"), rngs=nnx.Rngs(0))

@@ -238,3 +238,17 @@ def test_second_order_derivatives_match_plain_jax(name):
     _assert_trees_close(hvp1, hvp0, rtol=2e-4)
     hlo = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a, use_fused=True) ** 2))).lower(*args).as_text()
     assert "jaxtrain_" in hlo  # first-order gradients still run the kernels
+
+
+@needs_kernels
+def test_dense_hands_the_tanh_gelu_back_to_plain_jax(all_devices):
+    """The fused kernel is the exact GELU; GPT-2's tanh approximation must not run through it."""
+    from jaxtrain import ops
+
+    x, k, b = _normal((4, 8), 1), _normal((8, 6), 2), _normal((6,), 3)
+    assert ops.registered()["dense"](x, k, b, gelu=True, approximate=True) is NotImplemented
+    hlo = jax.jit(lambda x: ops.dense(x, k, b, gelu=True, approximate=True)).lower(x).as_text()
+    assert "jaxtrain_gelu_fwd" not in hlo
+    np.testing.assert_allclose(ops.dense(x, k, b, gelu=True, approximate=True),
+                               jax.nn.gelu(x @ k + b, approximate=True), rtol=1e-5, atol=1e-6)
+    assert "jaxtrain_gelu_fwd" in jax.jit(lambda x: ops.dense(x, k, b, gelu=True)).lower(x).as_text()
