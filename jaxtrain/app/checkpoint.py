@@ -60,8 +60,9 @@ LEAVES = ("step", "params", "opt_state", "rng", "model_state")  # the TrainState
 # model.dtype, model.dropout, ...) may change between runs. No optim key changes
 # the optax state's structure today; a structural mismatch from anything else
 # (e.g. a custom model) is still caught by comparing the saved tree (_check_tree).
-ARCH_KEYS = ("task", "model.vocab_size", "model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
-             "model.bias", "model.tie_embeddings")
+ARCH_KEYS = ("task", "model.arch", "model.vocab_size", "model.block_size", "model.n_layer", "model.n_head",
+             "model.n_kv_head", "model.n_embd", "model.head_dim", "model.mlp_hidden", "model.bias",
+             "model.tie_embeddings")
 
 
 class CheckpointError(RunStopped):
@@ -189,9 +190,26 @@ def config_diff(saved: dict, config: Config, keys=ARCH_KEYS) -> list[tuple[str, 
         a, b = _lookup(saved, key), _lookup(current, key)
         if key == "task" and a == "<missing>":  # saved before tasks existed: the built-in GPT
             a = "lm"
+        if key == "model.arch" and a == "<missing>":  # saved before model.arch existed
+            a = "gpt"
+        if key in _NULL_MEANS and a == "<missing>":  # saved before the key existed: its null default
+            a = None
+        if key in _NULL_MEANS:
+            a, b = _NULL_MEANS[key](saved, a), _NULL_MEANS[key](current, b)
         if a != b:
             out.append((key, a, b))
     return out
+
+
+# Keys whose null means a value that depends on the architecture: compared by that value, so a
+# checkpoint saved with ``model.bias: true`` (before null meant true) resumes under ``null``.
+_NULL_MEANS = {
+    "model.bias": lambda d, v: (_lookup(d, "model.arch") in ("gpt", "<missing>")) if v is None else v,
+    "model.n_kv_head": lambda d, v: _lookup(d, "model.n_head") if v is None and _lookup(d, "model.arch") == "llama"
+    else v,
+    "model.head_dim": lambda d, v: v,
+    "model.mlp_hidden": lambda d, v: v,
+}
 
 
 def _lookup(d: dict, key: str) -> Any:

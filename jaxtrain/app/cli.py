@@ -1,5 +1,6 @@
 """The ``jaxtrain`` command: ``jaxtrain run`` trains a task from a YAML config plus ``key=value``
-overrides; ``jaxtrain generate`` samples a run's checkpoint.
+overrides; ``jaxtrain generate`` samples a run's checkpoint; ``jaxtrain export`` writes one as a
+Hugging Face model directory.
 
 Usage::
 
@@ -8,6 +9,8 @@ Usage::
     jaxtrain run task=my_module run_dir=runs/mine    # your own model (jaxtrain.app.tasks)
     jaxtrain run --help                              # every key, its default and meaning
     jaxtrain generate --run-dir runs/t --prompt "def " --tokens 200
+    jaxtrain run model.init_from=path/to/hf_dir ...   # fine-tune a Hugging Face GPT-2 / Llama
+    jaxtrain export --run-dir runs/t --out runs/t-hf  # back to a Hugging Face directory
 
 Exit status: 0 when training finished; 2 for a user mistake (bad config key or
 value, unusable data, a batch that does not split across the devices, an
@@ -154,8 +157,9 @@ usage: jaxtrain COMMAND [options]
 commands:
   run        train a task from a config: jaxtrain run [--config NAME|FILE.yaml] [key=value ...]
   generate   sample from a run directory: jaxtrain generate --run-dir DIR [--prompt TEXT] [--tokens N] ...
+  export     write a run as a Hugging Face model directory: jaxtrain export --run-dir DIR --out HF_DIR
 
-`jaxtrain run --help` lists every config key; `jaxtrain generate --help` its options.
+`jaxtrain run --help` lists every config key; `jaxtrain generate --help` and `jaxtrain export --help` their options.
 `python -m jaxtrain.run` is `jaxtrain run`; `jaxtrain key=value ...` (no command) is too.
 """
 
@@ -167,13 +171,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from jaxtrain.app import generate
 
         return generate.main(argv[1:])
+    if argv and argv[0] == "export":
+        from jaxtrain.app import pretrained
+
+        return pretrained.main(argv[1:])
     if argv and argv[0] == "run":
         return run(argv[1:])
     if argv and argv[0] in ("-h", "--help", "help"):
         print(_COMMANDS)
         return 0
     if argv and not argv[0].startswith("-") and "=" not in argv[0]:
-        print(f"error: unknown command '{argv[0]}'; the commands are run and generate (jaxtrain --help)",
+        print(f"error: unknown command '{argv[0]}'; the commands are run, generate and export (jaxtrain --help)",
               file=sys.stderr)
         return EXIT_USER_ERROR
     return run(argv)

@@ -28,11 +28,67 @@ from jaxtrain.errors import ConfigError
 from jaxtrain.models.gpt_config import GPTConfig
 from jaxtrain.optim_config import SCHEDULES, OptimConfig, validate_optim
 
-__all__ = ["Config", "ConfigError", "GPTConfig", "OptimConfig", "ParallelConfig", "DataConfig", "TrainConfig",
+__all__ = ["Config", "ConfigError", "ModelConfig", "GPTConfig", "OptimConfig", "ParallelConfig", "DataConfig", "TrainConfig",
            "CheckpointConfig", "LogConfig", "load", "from_dict", "to_dict", "to_yaml", "replace", "validate",
-           "describe", "all_keys", "config_path", "CONFIG_NAMES"]
+           "describe", "all_keys", "config_path", "CONFIG_NAMES", "ARCHS", "model_config"]
 
-ModelConfig = GPTConfig  # the model section of the built-in language-model task
+ARCHS = ("gpt", "llama")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The built-in language model's section: one architecture (``arch``) and its sizes.
+
+    :func:`model_config` turns it into the core model's own config
+    (:class:`~jaxtrain.models.GPTConfig` or :class:`~jaxtrain.models.LlamaConfig`).
+    Keys marked with an architecture apply to it alone; null means that
+    architecture's default.
+    """
+
+    arch: str = "gpt"  # gpt (GPT-2 / nanoGPT blocks) | llama (RMSNorm, rotary positions, SwiGLU, grouped-query attention)
+    init_from: Optional[str] = None  # a Hugging Face model directory (config.json + *.safetensors) to start from: its architecture, sizes, weights and tokenizer.json
+    vocab_size: Optional[int] = None  # tokens in the vocabulary; null = the tokenizer's (256 for data.tokenizer=bytes)
+    block_size: int = 256  # longest context the model sees
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention (query) heads per block
+    n_kv_head: Optional[int] = None  # llama: key/value heads (grouped-query attention), dividing n_head; null = n_head
+    n_embd: int = 128  # residual stream width
+    head_dim: Optional[int] = None  # llama: width of one head; null = n_embd // n_head
+    mlp_hidden: Optional[int] = None  # MLP hidden width; null = 4 * n_embd (gpt) or the Llama default (about 8/3 * n_embd)
+    dropout: float = 0.0  # dropout rate on attention and residual paths
+    bias: Optional[bool] = None  # gpt: biases in Linear and LayerNorm layers; null = true (llama has none)
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    activation: Optional[str] = None  # gpt: gelu (exact, nanoGPT) | gelu_tanh (GPT-2's gelu_new); null = gelu
+    norm_eps: float = 1e-5  # epsilon of LayerNorm (gpt) / RMSNorm (llama)
+    rope_theta: float = 10000.0  # llama: base of the rotary position frequencies
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32; no float16: no loss scaling)
+    remat: bool = False  # recompute each block in the backward to save memory
+    attention: str = "xla"  # attention implementation: xla (written out) | cudnn (NVIDIA GPUs)
+
+
+# Keys that belong to one architecture, with the value that means "not set".
+_ARCH_ONLY = {"model.n_kv_head": ("llama", None), "model.head_dim": ("llama", None),
+              "model.activation": ("gpt", None), "model.bias": ("gpt", None),
+              "model.rope_theta": ("llama", ModelConfig.rope_theta)}
+
+
+def model_config(mc: ModelConfig):
+    """The core model's config for ``mc``: a :class:`GPTConfig` or a ``LlamaConfig``.
+
+    ``mc.vocab_size`` must be resolved (an int): :func:`load` does that.
+    """
+    if mc.vocab_size is None:
+        raise ConfigError("model.vocab_size is null: load the config with jaxtrain.app.config.load, which sets it "
+                          "from data.tokenizer, or give model.vocab_size")
+    common = dict(vocab_size=mc.vocab_size, block_size=mc.block_size, n_layer=mc.n_layer, n_head=mc.n_head,
+                  n_embd=mc.n_embd, dropout=mc.dropout, tie_embeddings=mc.tie_embeddings, dtype=mc.dtype,
+                  remat=mc.remat, attention=mc.attention, mlp_hidden=mc.mlp_hidden, norm_eps=mc.norm_eps)
+    if mc.arch == "llama":
+        from jaxtrain.models.llama_config import LlamaConfig
+
+        return LlamaConfig(n_kv_head=mc.n_kv_head if mc.n_kv_head is not None else mc.n_head,
+                           head_dim=mc.head_dim, rope_theta=mc.rope_theta, **common)
+    return GPTConfig(bias=True if mc.bias is None else mc.bias, activation=mc.activation or "gelu", **common)
 
 
 @dataclass(frozen=True)
@@ -102,7 +158,7 @@ class Config:
     run_dir: str = "runs/default"  # where checkpoints, metrics and samples go
     task: str = "lm"  # lm (the built-in GPT on data.source), or your module: name, name:attr or path.py
     backend: str = "auto"  # CPU kernels (jaxtrain.cpu): auto (where they can run) | cpu (required) | xla (off)
-    model: GPTConfig = field(default_factory=GPTConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -112,6 +168,7 @@ class Config:
 
 
 _CHOICES = {
+    "model.arch": ARCHS,
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn"),
     "backend": ("auto", "cpu", "xla"),
@@ -330,6 +387,25 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
     except Exception as e:
         raise _error_from(e, "the config (file and overrides)") from None
     validate(cfg)
+    cfg = resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill what the config leaves to other sources: the model of ``model.init_from`` (a Hugging
+    Face directory: architecture, sizes, tokenizer) and a null ``model.vocab_size`` (the tokenizer's)."""
+    if cfg.model.init_from is not None:
+        from jaxtrain.app import pretrained  # reads the directory's config.json
+
+        cfg = pretrained.resolve(cfg)
+    if cfg.model.vocab_size is None:
+        from jaxtrain.app import tokenizer
+
+        n = tokenizer.vocab_size(cfg.data.tokenizer)
+        if n is None:  # an unreadable tokenizer.json: load() says why, naming the key
+            tokenizer.load(cfg.data.tokenizer)
+        cfg = replace(cfg, model=dict(vocab_size=n))
     return cfg
 
 
@@ -377,7 +453,7 @@ def validate(cfg: Config) -> None:
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
             bad(key, f"must be one of {', '.join(allowed)}")
-    positive = ["model.vocab_size", "model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
+    positive = ["model.block_size", "model.n_layer", "model.n_head", "model.n_embd",
                 "train.steps", "train.batch_size", "train.grad_accum", "train.log_every", "train.eval_batches",
                 "checkpoint.every", "checkpoint.keep", "train.max_nonfinite", "parallel.fsdp"]
     for key in positive:
@@ -398,8 +474,7 @@ def validate(cfg: Config) -> None:
         bad("log.wandb", "must name a W&B project, or be null (no W&B)")
     if cfg.data.val_source is not None and not cfg.data.val_source.strip():
         bad("data.val_source", "must not be empty (null: hold out data.val_fraction of data.source)")
-    if cfg.model.n_embd % cfg.model.n_head:
-        bad("model.n_embd", f"must be divisible by model.n_head={cfg.model.n_head}")
+    _validate_model(cfg, bad)
     if not 0.0 <= cfg.model.dropout < 1.0:
         bad("model.dropout", "must be in [0, 1)")
     if not 0.0 < cfg.data.val_fraction < 1.0:
@@ -415,3 +490,33 @@ def validate(cfg: Config) -> None:
         bad("checkpoint.keep_every", "must be a positive integer or null")
     if cfg.log.peak_flops is not None and not 0.0 < cfg.log.peak_flops < math.inf:
         bad("log.peak_flops", "must be a finite number > 0 (FLOP/s of one device) or null")
+
+
+def _validate_model(cfg: Config, bad) -> None:
+    mc = cfg.model
+    for key, (arch, unset) in _ARCH_ONLY.items():
+        if _get(cfg, key) != unset and mc.arch != arch:
+            bad(key, f"applies to model.arch={arch} only (this run has model.arch={mc.arch}); drop it")
+    if mc.vocab_size is not None and mc.vocab_size <= 0:
+        bad("model.vocab_size", "must be a positive integer, or null (the tokenizer's size)")
+    for key in ("model.n_kv_head", "model.head_dim", "model.mlp_hidden"):
+        if _get(cfg, key) is not None and _get(cfg, key) <= 0:
+            bad(key, "must be a positive integer, or null (the architecture's default)")
+    if mc.n_kv_head is not None and mc.n_head % mc.n_kv_head:
+        bad("model.n_kv_head", f"must divide model.n_head={mc.n_head} (each key/value head serves "
+                               "n_head / n_kv_head query heads)")
+    if mc.head_dim is None and mc.n_embd % mc.n_head:
+        bad("model.n_embd", f"must be divisible by model.n_head={mc.n_head}"
+            + (" (or give model.head_dim)" if mc.arch == "llama" else ""))
+    if mc.activation is not None and mc.activation not in ("gelu", "gelu_tanh"):
+        bad("model.activation", "must be gelu (exact), gelu_tanh (GPT-2's approximation) or null")
+    if mc.arch == "llama" and mc.head_dim is not None and mc.head_dim % 2:
+        bad("model.head_dim", "must be even (rotary positions rotate pairs of features)")
+    if mc.arch == "llama" and mc.head_dim is None and (mc.n_embd // mc.n_head) % 2:
+        bad("model.n_embd", f"/ model.n_head = {mc.n_embd // mc.n_head} must be even for llama "
+                            "(rotary positions rotate pairs of features)")
+    for key in ("model.norm_eps", "model.rope_theta"):
+        if not 0.0 < _get(cfg, key) < math.inf:
+            bad(key, "must be a finite number > 0")
+    if mc.init_from is not None and not mc.init_from.strip():
+        bad("model.init_from", "must name a Hugging Face model directory, or be null (random initialisation)")

@@ -1,4 +1,4 @@
-"""The built-in task: a GPT language model on ``data.source`` (``task=lm``, the default).
+"""The built-in task: a GPT or Llama language model on ``data.source`` (``task=lm``, the default).
 
 Batches are ``{"inputs", "targets"}`` blocks of ``model.block_size`` tokens
 drawn from the corpus by :func:`jaxtrain.app.data.get_batch` (pure in seed,
@@ -12,10 +12,9 @@ import jax
 from flax import nnx
 
 from jaxtrain.app import data, generate
-from jaxtrain.app.config import Config, ConfigError
+from jaxtrain.app.config import Config, ConfigError, model_config
 from jaxtrain.app.tasks import Task
 from jaxtrain.losses import lm_loss
-from jaxtrain.models.gpt import GPT
 
 
 def _check_devices(cfg: Config) -> None:
@@ -25,14 +24,25 @@ def _check_devices(cfg: Config) -> None:
                           "use model.attention=xla")
 
 
-def _abstract_gpt(cfg: Config) -> GPT:
-    """The GPT of ``cfg.model`` with shapes only (no arrays allocated)."""
-    return nnx.eval_shape(lambda: GPT(cfg.model, rngs=nnx.Rngs(0)))
+NAMES = {"gpt": "GPT", "llama": "Llama"}
+
+
+def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
+    """The model ``cfg.model`` describes: a :class:`~jaxtrain.models.GPT` or :class:`~jaxtrain.models.Llama`."""
+    from jaxtrain import models
+
+    core = model_config(cfg.model)
+    return (models.Llama if cfg.model.arch == "llama" else models.GPT)(core, rngs=rngs)
+
+
+def _abstract_model(cfg: Config) -> nnx.Module:
+    """The model of ``cfg.model`` with shapes only (no arrays allocated)."""
+    return nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
 
 
 def flops_per_token(cfg: Config) -> float:
-    """The GPT's training FLOPs per token (:meth:`GPT.flops_per_token`), from shapes only."""
-    return _abstract_gpt(cfg).flops_per_token()
+    """The model's training FLOPs per token (``flops_per_token()``), from shapes only."""
+    return _abstract_model(cfg).flops_per_token()
 
 
 def language_model(cfg: Config, *, with_data: bool = True) -> Task:
@@ -41,8 +51,8 @@ def language_model(cfg: Config, *, with_data: bool = True) -> Task:
     mc, tc = cfg.model, cfg.train
     byte_level = data.is_byte_level(cfg.data.source)
 
-    def model(rngs: nnx.Rngs) -> GPT:
-        return GPT(mc, rngs=rngs)
+    def model(rngs: nnx.Rngs) -> nnx.Module:
+        return build_model(cfg, rngs)
 
     def sample(state, step: int) -> str:
         return generate.sample_text(state, tc.sample_prompt, tokens=tc.sample_tokens,
@@ -56,7 +66,14 @@ def language_model(cfg: Config, *, with_data: bool = True) -> Task:
         if prompt_len + tc.sample_tokens > mc.block_size:  # past block_size: the sliding window
             generate.sample_text(state, tc.sample_prompt, tokens=1, kv_cache=False, byte_level=byte_level)
 
-    base = dict(name="GPT", model=model, loss_fn=lm_loss, sample=sample, warm_up=warm_up,
+    init_params = None
+    if mc.init_from is not None:
+        from jaxtrain.app import pretrained
+
+        def init_params(abstract_params):
+            return pretrained.load_params(cfg, abstract_params)
+
+    base = dict(name=NAMES[mc.arch], model=model, init_params=init_params, loss_fn=lm_loss, sample=sample, warm_up=warm_up,
                 tokens_per_example=mc.block_size, unit="token")
     if not with_data:
         return Task(batch=_no_data, **base)
@@ -76,9 +93,10 @@ def language_model(cfg: Config, *, with_data: bool = True) -> Task:
                 for i in range(tc.eval_batches)]
 
     baseline = data.unigram_entropy(corpus.val)
-    abstract = _abstract_gpt(cfg)
+    abstract = _abstract_model(cfg)
     n_params = abstract.num_params(non_embedding=False)
-    describe = (f"GPT {n_params / 1e6:.2f}M params | corpus '{corpus.name}': {len(corpus.train):,} train / "
+    source = f" from '{mc.init_from}'" if mc.init_from is not None else ""
+    describe = (f"{NAMES[mc.arch]} {n_params / 1e6:.2f}M params{source} | corpus '{corpus.name}': {len(corpus.train):,} train / "
                 f"{len(corpus.val):,} val tokens, unigram entropy {baseline:.4f}")
     return Task(batch=local_batch, local_batch=local_batch,
                 eval_batches=local_eval_batches, local_eval_batches=local_eval_batches,

@@ -242,7 +242,11 @@ def _initial_state(run: Run, mngr) -> tuple[TrainState, int, Optional[str]]:
         start = int(meta["data_step"])
         return state, start, f"resuming from step {start} in '{mngr.directory}'"
     shardings = jax.tree.map(lambda x: x.sharding, run.abstract_state)
-    return jax.jit(run.make_state, out_shardings=shardings)(), 0, None
+    state = jax.jit(run.make_state, out_shardings=shardings)()
+    if run.task.init_params is not None:  # e.g. pretrained weights; the optimizer state starts at zero either way
+        params = run.task.init_params(run.abstract_state.params)
+        state = state.replace(params=jax.device_put(params, shardings.params))
+    return state, 0, None
 
 
 # ---------------------------------------------------------------- the loop

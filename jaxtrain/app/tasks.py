@@ -70,6 +70,9 @@ class Task:
       unit: what ``tokens_per_s`` counts, for the summary line: ``"token"`` or ``"example"``.
       baseline: a reference loss drawn in the plot (the unigram entropy of a corpus).
       describe: the header's words about the model and data (default: the name and parameter count).
+      init_params: ``init_params(abstract_params) -> params``: host arrays that replace the
+        freshly initialised parameters when a run starts (not when it resumes), e.g.
+        pretrained weights; ``abstract_params`` is the params tree of ``jax.ShapeDtypeStruct``.
     """
 
     name: str
@@ -86,6 +89,7 @@ class Task:
     unit: str = "example"
     baseline: Optional[float] = None
     describe: str = ""
+    init_params: Optional[Callable[[PyTree], PyTree]] = None
 
 
 def load(cfg: Config, *, with_data: bool = True) -> Task:
