@@ -70,6 +70,12 @@ class Task:
       unit: what ``tokens_per_s`` counts, for the summary line: ``"token"`` or ``"example"``.
       baseline: a reference loss drawn in the plot (the unigram entropy of a corpus).
       describe: the header's words about the model and data (default: the name and parameter count).
+      val_bytes_per_token: mean text bytes per target token of the validation set; with it the run
+        reports ``val_bpb = val_loss / val_bytes_per_token / ln 2`` (bits per byte). None: no val_bpb.
+      data_fingerprint: names the exact training and validation data (token counts, a hash of the
+        tokens, the tokenizer); results are comparable only for equal fingerprints. None: unknown.
+      save: ``save(run_dir)`` writes the task's own files into the run directory before the first
+        step (the language model: its tokenizer, which ``jaxtrain generate`` reads back).
     """
 
     name: str
@@ -86,6 +92,9 @@ class Task:
     unit: str = "example"
     baseline: Optional[float] = None
     describe: str = ""
+    val_bytes_per_token: Optional[float] = None
+    data_fingerprint: Optional[str] = None
+    save: Optional[Callable[[Path], None]] = None
 
 
 def load(cfg: Config, *, with_data: bool = True) -> Task:
