@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import sys
 import sysconfig
@@ -307,21 +308,39 @@ def text_chunks(data: np.ndarray, lo: int, hi: int, size: int = TEXT_CHUNK) -> I
     """``data[lo:hi]`` in pieces of about ``size`` bytes, each cut after its last newline (in a line
     longer than ``size``, before a character's first byte), so that each decodes on its own.
 
-    The cuts depend on the bytes alone: equal byte ranges give equal pieces.
+    The cuts depend on the bytes alone: equal byte ranges give equal pieces. A
+    memmapped file is read with plain reads, so what was read does not stay
+    mapped in the process (its resident memory does not grow with the corpus).
     """
-    pos = lo
-    while pos < hi:
-        end = min(pos + size, hi)
-        piece = bytes(np.asarray(data[pos:end]))
-        if end < hi:
-            cut = piece.rfind(b"\n") + 1
-            if cut == 0:  # no newline: do not split a multi-byte character
-                cut = len(piece)
-                while cut > 1 and int(data[pos + cut]) & 0xC0 == 0x80:  # the next byte continues a character
-                    cut -= 1
-            piece = piece[:cut]
-        yield piece
-        pos += len(piece)
+    with _byte_reader(data) as read:
+        pos = lo
+        while pos < hi:
+            n = min(size, hi - pos)
+            buf = read(pos, n + 1 if pos + n < hi else n)  # one byte more: would the cut split a character?
+            piece = buf[:n]
+            if pos + n < hi:
+                cut = piece.rfind(b"\n") + 1
+                if cut == 0:  # no newline: cut before the first byte of a character
+                    cut = n
+                    while cut > 1 and buf[cut] & 0xC0 == 0x80:
+                        cut -= 1
+                piece = piece[:cut]
+            yield piece
+            pos += len(piece)
+
+
+@contextlib.contextmanager
+def _byte_reader(data: np.ndarray):
+    """``read(pos, n) -> bytes`` of ``data[pos:pos+n]``: file reads for a whole memmapped file, else slicing."""
+    if isinstance(data, np.memmap) and data.filename and isinstance(data.base, mmap.mmap):  # not a view
+        with open(data.filename, "rb") as f:
+            def read(pos: int, n: int) -> bytes:
+                f.seek(data.offset + pos)
+                return f.read(n)
+
+            yield read
+    else:
+        yield lambda pos, n: bytes(np.asarray(data[pos : pos + n]))
 
 
 def encode_cached(stream: TextStream, lo: int, hi: int, tok, cache_dir: str, what: str) -> np.ndarray:
