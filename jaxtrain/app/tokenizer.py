@@ -199,10 +199,19 @@ def load(spec: str, key: str = "data.tokenizer") -> Tokenizer:
     return from_json(text, f"{key}={spec!r}")
 
 
+def _hf():
+    """The ``tokenizers`` library, or a one-line error saying how to install it."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise TokenizerError("data.tokenizer: bpe:N and tokenizer.json files need the Hugging Face tokenizers "
+                             "library: pip install tokenizers") from None
+    return tokenizers
+
+
 def from_json(text: str, where: str, name: str = "json") -> HFTokenizer:
     """An :class:`HFTokenizer` from tokenizer.json text; ``where`` starts the error message."""
-    from tokenizers import Tokenizer as HF
-
+    HF = _hf().Tokenizer
     try:
         json.loads(text)
         tok = HF.from_str(text)
@@ -282,9 +291,7 @@ def _uses(node: Any, kind: str) -> bool:
 
 
 def _byte_alphabet() -> list[str]:
-    from tokenizers import pre_tokenizers
-
-    return pre_tokenizers.ByteLevel.alphabet()
+    return _hf().pre_tokenizers.ByteLevel.alphabet()
 
 
 # ---------------------------------------------------------------- training
@@ -301,9 +308,8 @@ def train_bpe(texts: Iterable[str], n: int, *, length: Optional[int] = None,
     ``progress=None`` shows it when stdout and stderr are terminals (off a
     terminal the library would still print empty lines).
     """
-    from tokenizers import Tokenizer as HF
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
+    hf = _hf()
+    HF, decoders, models, pre_tokenizers, trainers = hf.Tokenizer, hf.decoders, hf.models, hf.pre_tokenizers, hf.trainers
     if progress is None:
         progress = sys.stdout.isatty() and sys.stderr.isatty()
     tok = HF(models.BPE())
