@@ -24,6 +24,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from jaxtrain.app import tokenizer
 from jaxtrain.errors import ConfigError
 from jaxtrain.models.gpt_config import GPTConfig
 from jaxtrain.optim_config import SCHEDULES, OptimConfig, validate_optim
@@ -93,8 +94,10 @@ def model_config(mc: ModelConfig):
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "stdlib"  # "stdlib" (built-in corpus) or a path: text file, folder, .bin, .npy
-    glob: str = "**/*.txt"  # files to read when source is a folder
+    source: str = "stdlib"  # "stdlib" (built-in corpus) or a path: text file, folder, .jsonl, .parquet, .bin, .npy
+    glob: str = "**/*.txt"  # files to read when source is a folder (text files, or .jsonl / .parquet records)
+    tokenizer: str = "bytes"  # bytes | bpe:N (byte-level BPE of N tokens trained on the train split) | path to a tokenizer.json
+    text_field: str = "text"  # the field holding a record's text in .jsonl / .parquet sources
     token_dtype: str = "uint16"  # element type of a .bin token file: uint16 | uint32
     val_source: Optional[str] = None  # separate validation source; None splits source
     val_fraction: float = 0.05  # tail fraction of the corpus held out for validation
@@ -467,11 +470,12 @@ def validate(cfg: Config) -> None:
         bad("train.sample_temperature", "must be a finite number >= 0 (0: greedy)")
     if not 0.0 < cfg.train.sample_top_p <= 1.0:  # NaN fails too; the message is generate.check_sampling's
         bad("train.sample_top_p", "must be a finite number in (0, 1] (1: off)")
-    for key in ["run_dir", "task", "data.source", "data.glob", "data.cache_dir"]:  # "" would mean the current directory
+    for key in ["run_dir", "task", "data.source", "data.glob", "data.cache_dir", "data.text_field"]:  # "" would mean the current directory
         if not _get(cfg, key).strip():
             bad(key, "must not be empty")
     if cfg.log.wandb is not None and not cfg.log.wandb.strip():
         bad("log.wandb", "must name a W&B project, or be null (no W&B)")
+    tokenizer.check_spec(cfg.data.tokenizer)
     if cfg.data.val_source is not None and not cfg.data.val_source.strip():
         bad("data.val_source", "must not be empty (null: hold out data.val_fraction of data.source)")
     _validate_model(cfg, bad)

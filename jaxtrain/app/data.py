@@ -1,4 +1,4 @@
-"""Byte tokenizer, corpora, the deterministic batch for step t, and prefetching.
+"""Corpora, the deterministic batch for step t, and prefetching.
 
 Tokens are 1-D integer arrays (often ``np.memmap``), never loaded whole when
 avoidable. The batch for step ``t`` is a pure function of ``(seed, t,
@@ -12,12 +12,14 @@ Example::
     batch = get_batch(corpus.train, seed=0, step=7, batch_size=16, block_size=256)
     batch["inputs"].shape   # -> (16, 256), int32
 
-Multi-file sources (the built-in ``"stdlib"`` corpus and folders) are the files'
-bytes joined in sorted order, each preceded by the header line
-``# file: <relative/path>\\n`` (a Python comment, so samples stay valid code) and
-followed by one newline. They are tokenized once and cached as a 1-D uint8 ``.npy``
-in ``cache_dir`` named by a hash of the Python version and the (path, size,
-mtime) list; later loads memory-map it.
+A text source (the built-in ``"stdlib"`` corpus, a text file, a folder, .jsonl or
+.parquet records: :mod:`jaxtrain.app.sources`) is one stream of bytes. Its
+validation split is the last ``data.val_fraction`` of those BYTES whatever the
+tokenizer (``data.tokenizer``, :mod:`jaxtrain.app.tokenizer`), so the held-out
+text is the same for every tokenizer. With ``bytes`` the tokens are the stream's
+bytes (a memmap of the file or of the cached join); with another tokenizer each
+split is encoded once into a memmapped token cache in ``data.cache_dir``. A
+``.bin``/``.npy`` source holds token ids already and is used as it is.
 """
 
 from __future__ import annotations
@@ -25,41 +27,33 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import queue
 import sys
-import sysconfig
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from jaxtrain.app import sources, tokenizer
+from jaxtrain.app.sources import FILE_HEADER, DataError, TextStream, stdlib_files  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
 
-VOCAB_SIZE = 256
-FILE_HEADER = "# file: {}\n"  # precedes every file of a multi-file source
-_CACHE_FORMAT = "v1"  # bump when the concatenation format changes
+VOCAB_SIZE = 256  # of the byte tokenizer
 _CHUNK = 1 << 24  # tokens per chunk when scanning a memmap (bounded memory)
-_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib", "lib2to3"}
-_STDLIB_SKIP_FILES = {"pydoc_data/topics.py"}  # 757 KB of prose, 7% of the corpus
-_SOURCES = "'stdlib', a text file, a folder, a .bin token file or a 1-D integer .npy"
-
-
-class DataError(ValueError):
-    """A user-facing data problem; the message names the path or key and what is valid."""
+_SOURCES = "'stdlib', a text file, a folder, .jsonl/.parquet records, a .bin token file or a 1-D integer .npy"
 
 
 def encode(text: str) -> np.ndarray:
-    """UTF-8 bytes of ``text`` as uint8 tokens, shape [len(bytes)]."""
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+    """UTF-8 bytes of ``text`` as uint8 tokens, shape [len(bytes)] (the byte tokenizer)."""
+    return tokenizer.BYTES.encode(text)
 
 
 def decode(tokens) -> str:
     """Inverse of :func:`encode`; invalid UTF-8 (e.g. a cut multi-byte char) becomes U+FFFD."""
-    return bytes(np.asarray(tokens, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
+    return tokenizer.BYTES.decode(tokens)
 
 
 def is_byte_level(source: str) -> bool:
@@ -71,12 +65,22 @@ def is_byte_level(source: str) -> bool:
     return Path(source).suffix not in (".bin", ".npy")
 
 
-def prompt_tokens(prompt: str, *, byte_level: bool, vocab_size: int, key: str = "prompt") -> np.ndarray:
-    """A prompt's token ids: its UTF-8 bytes, or for a token-id corpus the integers it lists.
+def prompt_tokens(prompt: str, *, byte_level: bool = True, vocab_size: int, key: str = "prompt",
+                  tokenizer: Optional["tokenizer.Tokenizer"] = None) -> np.ndarray:
+    """A prompt's token ids: ``tokenizer``'s encoding of it; without one, its UTF-8 bytes
+    (``byte_level``) or, for a token-id corpus, the integers it lists.
 
     Raises :class:`DataError` naming ``key`` when a token-id prompt is not
     integers separated by spaces or an id is outside ``[0, vocab_size)``.
     """
+    if tokenizer is not None:
+        ids = tokenizer.encode(prompt)
+        bad = ids[ids >= vocab_size]
+        if bad.size:
+            raise DataError(f"{key}={prompt!r}: encodes to token id {bad[0]}, outside the model's vocabulary "
+                            f"[0, {vocab_size}); model.vocab_size must be at least the tokenizer's "
+                            f"{tokenizer.vocab_size}")
+        return ids
     if byte_level:
         return encode(prompt)
     try:
@@ -102,6 +106,8 @@ def format_ids(tokens) -> str:
 class Corpus:
     """Train and validation tokens, each 1-D (np.ndarray or np.memmap, uint8/16/32).
 
+    ``tokenizer`` made (and decodes) them; None for token ids of an unknown
+    tokenizer (a ``.bin``/``.npy`` source with ``data.tokenizer=bytes``).
     ``vocab_size`` is a property: max token id + 1 over both splits, computed once
     (in chunks, so a large memmap is scanned without loading it) and cached.
     """
@@ -110,10 +116,26 @@ class Corpus:
     train: np.ndarray
     val: np.ndarray
     val_from: str = "data.val_fraction"  # the config key that made the validation split (for error messages)
+    tokenizer: Optional[tokenizer.Tokenizer] = None
 
     @functools.cached_property
     def vocab_size(self) -> int:
         return max(_scan(self.train, np.max, max, -1), _scan(self.val, np.max, max, -1)) + 1
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """``"<tokenizer>:<train tokens>+<val tokens>:<hash>"``: equal only for the same token streams.
+
+        The hash (BLAKE2b, 16 hex digits) covers both splits' token values,
+        read in chunks; the tokenizer part is its identity (``ids`` without one).
+        """
+        h = hashlib.blake2b(digest_size=8)
+        for split in (self.train, self.val):
+            for c in _chunks(split):
+                h.update(np.ascontiguousarray(c, c.dtype.newbyteorder("<")).view(np.uint8).data)
+            h.update(b"|")
+        who = self.tokenizer.identity if self.tokenizer is not None else "ids"
+        return f"{who}:{len(self.train)}+{len(self.val)}:{h.hexdigest()}"
 
 
 def _chunks(tokens: np.ndarray) -> Iterator[np.ndarray]:
@@ -129,84 +151,26 @@ def _scan(tokens: np.ndarray, op, combine, empty: int) -> int:
 # ---------------------------------------------------------------- sources
 
 
-def stdlib_files() -> tuple[Path, list[str]]:
-    """(root, sorted relative POSIX paths) of the built-in corpus's ``.py`` files."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS]  # prune the walk
-        for f in filenames:
-            rel = Path(dirpath, f).relative_to(root).as_posix()
-            if f.endswith(".py") and rel not in _STDLIB_SKIP_FILES:
-                rels.append(rel)
-    return root, sorted(rels)
-
-
-def _concat_cached(name: str, root: Path, rels: list[str], cache_dir: str) -> np.ndarray:
-    """Join ``rels`` under ``root`` (FILE_HEADER format) into a cached uint8 .npy; memmap it."""
-    stats = [os.stat(root / r) for r in rels]
-    sizes = [st.st_size for st in stats]
-    files = [(r, st.st_size, st.st_mtime_ns) for r, st in zip(rels, stats)]
-    key = repr((_CACHE_FORMAT, sys.version, str(root), files))
-    cache = Path(cache_dir).expanduser() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
-    if cache.exists():
-        try:
-            return np.load(cache, mmap_mode="r")
-        except (OSError, ValueError, EOFError) as e:  # damaged (e.g. truncated): it is derived data, rebuild it
-            log.warning("corpus cache '%s' is unreadable (%s); rebuilding it", cache, e)
+def _load_source(source: str, key: str, cfg) -> np.ndarray | TextStream:
+    """A source's token ids (.bin, .npy) or its :class:`TextStream`, non-empty (``key`` names the config field)."""
     try:
-        _write_concat(cache, root, rels, sizes)
-    except OSError as e:
-        raise DataError(f"data.cache_dir='{cache_dir}': cannot write the corpus cache there ({type(e).__name__}: "
-                        f"{e.strerror or e}); pass a writable directory") from None
-    return np.load(cache, mmap_mode="r")
-
-
-def _write_concat(cache: Path, root: Path, rels: list[str], sizes: list[int]) -> None:
-    """Stream the files into ``cache`` (one file in memory at a time), atomically."""
-    headers = [FILE_HEADER.format(r).encode() for r in rels]
-    total = sum(len(h) + s + 1 for h, s in zip(headers, sizes))  # +1: newline after each file
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # A private tmp name + os.replace: concurrent builders never see a half-written file.
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            header = {"descr": "|u1", "fortran_order": False, "shape": (total,)}
-            np.lib.format.write_array_header_1_0(out, header)
-            for r, h, size in zip(rels, headers, sizes):
-                body = (root / r).read_bytes()
-                if len(body) != size:
-                    raise DataError(f"'{root / r}' changed while the corpus was being cached; retry")
-                out.write(h + body + b"\n")
-        os.replace(tmp, cache)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _load_tokens(source: str, key: str, cfg) -> np.ndarray:
-    """1-D non-empty tokens of one source (``key`` names the config field, for error messages)."""
-    try:
-        tokens = _read_source(source, key, cfg)
+        out = _read_source(source, key, cfg)
     except OSError as e:  # e.g. a name too long, a permission denied, an I/O error
         where = f" ('{e.filename}')" if e.filename and str(e.filename) != source else ""
         raise DataError(f"{key}='{source}': cannot be read{where}: {e.strerror or e}") from None
-    if len(tokens) == 0:
+    if len(out.data if isinstance(out, TextStream) else out) == 0:
         raise DataError(f"{key}='{source}': corpus is empty; a corpus needs at least one token")
-    return tokens
+    return out
 
 
-def _read_source(source: str, key: str, cfg) -> np.ndarray:
+def _read_source(source: str, key: str, cfg) -> np.ndarray | TextStream:
     if source == "stdlib":
-        root, rels = stdlib_files()
-        return _concat_cached("stdlib", root, rels, cfg.cache_dir)
+        return sources.text_stream(source, key, cfg)
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"{key}='{source}': path does not exist; expected {_SOURCES}")
-    if path.is_dir():
-        rels = sorted(p.relative_to(path).as_posix() for p in path.glob(cfg.glob) if p.is_file())
-        if not rels:
-            raise DataError(f"{key}='{source}': folder has no files matching data.glob='{cfg.glob}'")
-        return _concat_cached(f"dir-{path.name}", path.resolve(), rels, cfg.cache_dir)
+    if path.is_dir() or path.suffix not in (".bin", ".npy"):
+        return sources.text_stream(source, key, cfg)
     if path.suffix == ".npy":
         with open(path, "rb") as f:
             if f.read(6) != b"\x93NUMPY":
@@ -221,7 +185,7 @@ def _read_source(source: str, key: str, cfg) -> np.ndarray:
             raise DataError(f"{key}='{source}': .npy holds {tokens.dtype}{list(tokens.shape)}; "
                             "expected a 1-D integer array of token ids")
         return tokens
-    dtype = np.dtype(cfg.token_dtype if path.suffix == ".bin" else np.uint8)  # anything else is text
+    dtype = np.dtype(cfg.token_dtype)
     if path.stat().st_size == 0:
         return np.zeros(0, dtype)  # np.memmap refuses empty files
     if path.stat().st_size % dtype.itemsize:
@@ -233,16 +197,68 @@ def _read_source(source: str, key: str, cfg) -> np.ndarray:
 def load_corpus(cfg) -> Corpus:
     """Load ``cfg`` (a :class:`jaxtrain.config.DataConfig`) into train/val token arrays.
 
-    Without ``cfg.val_source`` the last ``val_fraction`` of the tokens is validation.
-    Raises :class:`DataError` for a missing path, an empty folder/corpus or a bad .npy.
+    Without ``cfg.val_source`` the last ``val_fraction`` of the source is
+    validation: of its bytes for a text source (then tokenized), of its ids for
+    a ``.bin``/``.npy``. Raises :class:`DataError` for a missing path, an empty
+    folder/corpus or a bad .npy, and :class:`~jaxtrain.app.tokenizer.TokenizerError`
+    (a ``ConfigError``) for a bad ``data.tokenizer``.
     """
-    tokens = _load_tokens(cfg.source, "data.source", cfg)
+    spec = getattr(cfg, "tokenizer", "bytes")
+    kind, arg = tokenizer.check_spec(spec)
+    src = _load_source(cfg.source, "data.source", cfg)
+    val = None if cfg.val_source is None else _load_source(cfg.val_source, "data.val_source", cfg)
     name = "stdlib" if cfg.source == "stdlib" else Path(cfg.source).name
-    if cfg.val_source is not None:
-        val = _load_tokens(cfg.val_source, "data.val_source", cfg)
-        return Corpus(name, tokens, val, val_from="data.val_source")
-    split = len(tokens) - int(len(tokens) * cfg.val_fraction)
-    return Corpus(name, tokens[:split], tokens[split:])
+    val_from = "data.val_fraction" if val is None else "data.val_source"
+    n = len(src.data if isinstance(src, TextStream) else src)
+    split = n if val is not None else n - int(n * cfg.val_fraction)
+    if kind == "bytes":
+        tok = tokenizer.BYTES if isinstance(src, TextStream) else None
+        tokens = src.data if isinstance(src, TextStream) else src
+        if val is None:
+            return Corpus(name, tokens[:split], tokens[split:], tokenizer=tok)
+        return Corpus(name, tokens, val.data if isinstance(val, TextStream) else val, val_from, tok)
+    if kind == "bpe":
+        if not isinstance(src, TextStream):
+            raise DataError(f"data.tokenizer='{spec}' is trained on text, but data.source='{cfg.source}' holds token "
+                            "ids; use data.tokenizer=bytes (ids as they are) or the tokenizer.json that made them")
+        tok = _bpe(arg, src, split, cfg)
+    else:
+        tok = tokenizer.load(spec)
+
+    def tokens_of(stream, lo: int, hi: int, what: str) -> np.ndarray:
+        if not isinstance(stream, TextStream):
+            return stream[lo:hi]  # token ids already
+        return sources.encode_cached(stream, lo, hi, tok, cfg.cache_dir, what)
+
+    if val is None:
+        return Corpus(name, tokens_of(src, 0, split, "train split"), tokens_of(src, split, n, "val split"),
+                      tokenizer=tok)
+    n_val = len(val.data if isinstance(val, TextStream) else val)
+    return Corpus(name, tokens_of(src, 0, n, "train split"), tokens_of(val, 0, n_val, "data.val_source"),
+                  val_from, tok)
+
+
+def _bpe(n: int, src: TextStream, split: int, cfg) -> tokenizer.HFTokenizer:
+    """The byte-level BPE of ``n`` tokens for the training bytes ``src.data[:split]``, cached by their key."""
+
+    def texts():
+        print(f"data.tokenizer=bpe:{n}: training a byte-level BPE on the {split / 2**20:.1f} MiB training split "
+              f"(once; cached in data.cache_dir={cfg.cache_dir})", file=sys.stderr, flush=True)
+        return (p.decode("utf-8", errors="replace") for p in sources.text_chunks(src.data, 0, split))
+
+    return tokenizer.cached_bpe(n, f"{src.key}:0:{split}", cfg.cache_dir, texts,
+                                length=-(-split // sources.TEXT_CHUNK))
+
+
+def bytes_per_token(targets, token_bytes: np.ndarray) -> Optional[float]:
+    """Mean UTF-8 bytes per token of the ``targets`` arrays (e.g. every eval batch's targets):
+    ``sum(token_bytes[t]) / count``; None when they hold no bytes (or no tokens)."""
+    n_tokens = n_bytes = 0
+    for t in targets:
+        t = np.asarray(t).reshape(-1)
+        n_tokens += t.size
+        n_bytes += int(token_bytes[t[(t >= 0) & (t < len(token_bytes))]].sum())  # ids it lacks: 0 bytes
+    return n_bytes / n_tokens if n_tokens and n_bytes else None
 
 
 def check_corpus(corpus: Corpus, block_size: int, vocab_size: int) -> None:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtrain.app import data
+from jaxtrain.app import data, tokenizer as tokenizers
 
 PyTree = Any
 _START = data.encode("\n")  # an empty prompt starts at a line break
@@ -198,21 +198,27 @@ def generate(graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, prompt
 
 def sample_text(state, prompt: str, *, tokens: int, temperature: float = 1.0, top_k: int = 0,
                 top_p: float = 1.0, seed: int = 0, num_samples: int = 1, kv_cache: Optional[bool] = None,
-                byte_level: bool = True) -> list[str]:
+                byte_level: bool = True, tokenizer: Optional[tokenizers.Tokenizer] = None) -> list[str]:
     """``prompt`` + generated text from a :class:`~jaxtrain.state.TrainState` of a GPT.
 
     Returns ``num_samples`` strings (invalid UTF-8 at a cut becomes U+FFFD).
-    With ``byte_level=False`` (a model trained on token ids of another
-    tokenizer, :func:`jaxtrain.data.is_byte_level`) the prompt is token ids
-    separated by spaces and each sample is the prompt's ids and the new ones,
-    for that tokenizer to decode.
+    ``tokenizer`` (:mod:`jaxtrain.app.tokenizer`, e.g. the run's) encodes the
+    prompt and decodes the samples; an empty prompt then starts at its encoding
+    of ``"\n"``. Without one: bytes, or with ``byte_level=False`` (a model
+    trained on token ids of an unknown tokenizer, :func:`jaxtrain.data.is_byte_level`)
+    the prompt is token ids separated by spaces and each sample is the prompt's
+    ids and the new ones, for that tokenizer to decode.
     """
     config = state.model().config
-    ids = data.prompt_tokens(prompt, byte_level=byte_level, vocab_size=config.vocab_size)
-    new = generate(state.graphdef, state.params, state.model_state, ids, tokens=tokens,
+    ids = data.prompt_tokens(prompt, byte_level=byte_level, vocab_size=config.vocab_size, tokenizer=tokenizer)
+    start = ids if ids.size or tokenizer is None else tokenizer.encode("\n")
+    new = generate(state.graphdef, state.params, state.model_state, start, tokens=tokens,
                    block_size=config.block_size, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    num_samples=num_samples, kv_cache=kv_cache)
-    if byte_level:
+    if tokenizer is not None and tokenizer is not tokenizers.BYTES:
+        # decoded with the prompt: a decoder may join a token to the one before it (spaces, "##")
+        return [tokenizer.decode(np.concatenate([ids, row])) for row in new]
+    if byte_level or tokenizer is not None:
         return [prompt + data.decode(row) for row in new]
     return [data.format_ids(np.concatenate([ids, row])) for row in new]
 
@@ -228,10 +234,11 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jaxtrain generate",
                 description="Generate text from a run directory's latest checkpoint.")
-    p.add_argument("--run-dir", required=True, help="run directory written by jaxtrain run")
+    p.add_argument("run_dir_arg", nargs="?", metavar="RUN_DIR", help="run directory written by jaxtrain run")
+    p.add_argument("--run-dir", help="the same, as an option")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a line); for a run on "
                    "a .bin/.npy corpus of token ids, token ids separated by spaces")
-    p.add_argument("--tokens", type=int, default=200, help="tokens to generate (bytes, for text corpora)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to generate (bytes, with the byte tokenizer)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 = all")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: sample among the fewest most "
@@ -242,7 +249,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.run_dir is None) == (args.run_dir_arg is None):
+        parser.error("give the run directory once: jaxtrain generate RUN_DIR (or --run-dir RUN_DIR)")
+    args.run_dir = args.run_dir or args.run_dir_arg
     for flag, value, low in (("--tokens", args.tokens, 0), ("--num-samples", args.num_samples, 1)):
         if value < low:
             print(f"error: {flag}={value} must be >= {low}", file=sys.stderr)
@@ -268,12 +279,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     byte_level = data.is_byte_level(cfg.data.source)
     try:
-        data.prompt_tokens(args.prompt, byte_level=byte_level, vocab_size=cfg.model.vocab_size, key="--prompt")
-    except data.DataError as e:
+        tok = tokenizers.load_run(args.run_dir)  # None: a run of an earlier version, or token ids
+        data.prompt_tokens(args.prompt, byte_level=byte_level, vocab_size=cfg.model.vocab_size, key="--prompt",
+                           tokenizer=tok)
+    except (data.DataError, tokenizers.TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     texts = sample_text(state, args.prompt, tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed, num_samples=args.num_samples, byte_level=byte_level)
+                        top_p=args.top_p, seed=args.seed, num_samples=args.num_samples, byte_level=byte_level,
+                        tokenizer=tok)
     print("\n\n-----\n\n".join(texts))
     return 0
 

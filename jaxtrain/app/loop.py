@@ -67,6 +67,7 @@ class Summary:
     loop_s: float  # seconds of the loop: first step to last checkpoint committed, everything included
     wall_s: float  # seconds of the whole call, setup and compilation included
     sample: str  # the final text sample
+    val_bpb: Optional[float] = None  # val_loss in bits per byte of text (None: the task gives no bytes per token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +271,8 @@ def train(cfg: Config) -> Summary:
         if run.is_main and start < cfg.train.steps:  # a finished run's files stay as they are
             run_path(cfg).mkdir(parents=True, exist_ok=True)
             (run_path(cfg) / CONFIG_FILE).write_text(to_yaml(cfg))
+            if run.task.save is not None:  # the task's own files, e.g. the language model's tokenizer
+                run.task.save(run_path(cfg))
         return _loop(run, mngr, state, start, resumed, t0)
     finally:
         mngr.close()  # waits for an asynchronous save to commit
@@ -342,6 +345,8 @@ def _train(run: Run, mngr, log: metrics.MetricsLog, state: TrainState, start: in
             # -- at-eval
             if events["eval"] and run.eval_batches:
                 val_loss = row["val_loss"] = evaluate(run, state)
+                if run.task.val_bytes_per_token:
+                    row["val_bpb"] = metrics.bits_per_byte(val_loss, run.task.val_bytes_per_token)
             # -- at-sample
             if events["sample"]:
                 sample = _sample(run, state, done, log=log)
@@ -468,7 +473,8 @@ def _finish(run: Run, log, state: TrainState, start: int, val_loss: Optional[flo
     summary = Summary(steps=steps, val_loss=val_loss, baseline=run.baseline, tokens_per_s=tps,
                       mfu=metrics.mfu(tps, run.flops_per_token, run.peak_flops) if run.flops_per_token else None,
                       train_s=train_s,
-                      loop_s=loop_s, wall_s=time.perf_counter() - t0, sample=sample)
+                      loop_s=loop_s, wall_s=time.perf_counter() - t0, sample=sample,
+                      val_bpb=metrics.bits_per_byte(val_loss, run.task.val_bytes_per_token))
     if run.is_main:
         log.summary({k: v for k, v in dataclasses.asdict(summary).items() if k != "sample" and v is not None})
         if run.cfg.log.plot:
@@ -476,5 +482,6 @@ def _finish(run: Run, log, state: TrainState, start: int, val_loss: Optional[flo
             plot.plot(rows, run_path(run.cfg) / plot.PLOT_FILE, baseline=run.baseline)
         print(metrics.summary_line(steps=steps, val_loss=summary.val_loss, baseline=summary.baseline,
                                    tokens_per_s=summary.tokens_per_s, mfu_=summary.mfu,
-                                   train_s=summary.train_s, wall_s=summary.wall_s, unit=run.task.unit), flush=True)
+                                   train_s=summary.train_s, wall_s=summary.wall_s, unit=run.task.unit,
+                                   val_bpb=summary.val_bpb), flush=True)
     return summary

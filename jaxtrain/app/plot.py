@@ -37,7 +37,14 @@ def plot(rows: Sequence[dict], path: str | Path, *, baseline: Optional[float] = 
     if baseline is not None:
         ax_loss.axhline(baseline, color="gray", ls="--", lw=1, label="unigram baseline")
     ax_loss.set(title="loss (nats/token)", xlabel="step")
-    ax_loss.legend()
+    handles, labels = ax_loss.get_legend_handles_labels()
+    steps, bpb = _series(rows, "val_bpb")
+    if bpb:  # bits per byte share the panel on their own axis (comparable across tokenizers)
+        ax_bpb = ax_loss.twinx()
+        (line,) = ax_bpb.plot(steps, bpb, "s--", color="tab:green", label="val bits/byte")
+        ax_bpb.set_ylabel("validation bits per byte")
+        handles, labels = handles + [line], labels + [line.get_label()]
+    ax_loss.legend(handles, labels)
     ax_gn.plot(*_series(rows, "grad_norm"))
     ax_gn.set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
     ax_lr.plot(*_series(rows, "lr"))

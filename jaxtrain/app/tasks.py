@@ -73,6 +73,12 @@ class Task:
       init_params: ``init_params(abstract_params) -> params``: host arrays that replace the
         freshly initialised parameters when a run starts (not when it resumes), e.g.
         pretrained weights; ``abstract_params`` is the params tree of ``jax.ShapeDtypeStruct``.
+      val_bytes_per_token: mean text bytes per target token of the validation set; with it the run
+        reports ``val_bpb = val_loss / val_bytes_per_token / ln 2`` (bits per byte). None: no val_bpb.
+      data_fingerprint: names the exact training and validation data (token counts, a hash of the
+        tokens, the tokenizer); results are comparable only for equal fingerprints. None: unknown.
+      save: ``save(run_dir)`` writes the task's own files into the run directory before the first
+        step (the language model: its tokenizer, which ``jaxtrain generate`` reads back).
     """
 
     name: str
@@ -90,6 +96,9 @@ class Task:
     baseline: Optional[float] = None
     describe: str = ""
     init_params: Optional[Callable[[PyTree], PyTree]] = None
+    val_bytes_per_token: Optional[float] = None
+    data_fingerprint: Optional[str] = None
+    save: Optional[Callable[[Path], None]] = None
 
 
 def load(cfg: Config, *, with_data: bool = True) -> Task:

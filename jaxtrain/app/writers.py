@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -132,13 +133,23 @@ def fmt_mfu(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def bits_per_byte(val_loss: Optional[float], bytes_per_token: Optional[float]) -> Optional[float]:
+    """Validation bits per byte from a mean loss in nats per token: ``val_loss / bytes_per_token / ln 2``;
+    None when either is None."""
+    if val_loss is None or not bytes_per_token:
+        return None
+    return val_loss / bytes_per_token / math.log(2)
+
+
 def summary_line(*, steps: int, val_loss: Optional[float], baseline: Optional[float], tokens_per_s: float,
-                 mfu_: Optional[float], train_s: float, wall_s: float, unit: str = "token") -> str:
+                 mfu_: Optional[float], train_s: float, wall_s: float, unit: str = "token",
+                 val_bpb: Optional[float] = None) -> str:
     """The one line printed at the end of a run; ``unit`` is what the rate counts (``token`` or ``example``)."""
     val = "n/a" if val_loss is None else f"{val_loss:.4f}"
     per = " nats/token" if unit == "token" else ""
     base = "" if baseline is None else f" (unigram baseline {baseline:.4f})"
-    return (f"done: {steps} steps | final val loss {val}{per}{base} | "
+    bpb = "" if val_bpb is None else f", {val_bpb:.4f} bits/byte"
+    return (f"done: {steps} steps | final val loss {val}{per}{base}{bpb} | "
             f"{fmt_rate(tokens_per_s)} {unit}s/s | MFU {fmt_mfu(mfu_)} | "
             f"training {fmt_duration(train_s)}, wall {fmt_duration(wall_s)}")
 
@@ -161,7 +172,7 @@ class MetricsLog:
         self.enabled = enabled
         self._trackers: list[trackers.Tracker] = []
         self._bar = None
-        self._val = None  # (step, val_loss) of the last evaluation: the bar keeps showing it
+        self._val = None  # (step, val_loss, val_bpb or None) of the last evaluation: the bar keeps showing it
         if not enabled:
             return
         if log_cfg is None:  # the defaults with these two switches
@@ -171,7 +182,7 @@ class MetricsLog:
         run_dir = Path(run_dir).expanduser()
         self._trackers = trackers.open_trackers(log_cfg, run_dir, start_step=start_step, total_steps=total_steps)
         kept = self._trackers[0].kept  # the JSONL history up to start_step
-        self._val = next(((r["step"], r["val_loss"]) for r in reversed(kept)
+        self._val = next(((r["step"], r["val_loss"], r.get("val_bpb")) for r in reversed(kept)
                           if isinstance(r.get("val_loss"), (int, float))), None)
         if log_cfg.progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -190,7 +201,7 @@ class MetricsLog:
         for t in self._trackers:
             t.scalars(row["step"], values)
         if isinstance(row.get("val_loss"), (int, float)):
-            self._val = (row["step"], row["val_loss"])
+            self._val = (row["step"], row["val_loss"], row.get("val_bpb"))
         if self._bar is not None:
             self._bar.update(row["step"] - self._bar.n)
             self._bar.set_postfix_str(_postfix(row, self._val), refresh=True)
@@ -224,11 +235,13 @@ class MetricsLog:
         self.close()
 
 
-def _postfix(row: dict, val: Optional[tuple[int, float]] = None) -> str:
-    """The bar's text: this row's train loss, rate and MFU, and the last validation loss ``(step, loss)``."""
+def _postfix(row: dict, val: Optional[tuple] = None) -> str:
+    """The bar's text: this row's train loss, rate and MFU, and the last validation loss
+    ``(step, loss[, bits per byte or None])``."""
     parts = [f"loss {row['loss']:.4f}"]
     if val is not None:
-        parts.append(f"val {val[1]:.4f}" + ("" if val[0] == row["step"] else f" @{val[0]}"))
+        bpb = f" ({val[2]:.3f} bpb)" if len(val) > 2 and val[2] is not None else ""
+        parts.append(f"val {val[1]:.4f}{bpb}" + ("" if val[0] == row["step"] else f" @{val[0]}"))
     parts.append(f"{fmt_rate(row.get('tokens_per_s', 0.0))} tok/s")
     if row.get("mfu") is not None:
         parts.append(f"MFU {fmt_mfu(row['mfu'])}")

@@ -107,7 +107,7 @@ def _require_safetensors() -> None:
     try:
         import safetensors  # noqa: F401
     except ImportError:
-        raise ImportError("Hugging Face checkpoints need the safetensors package: pip install 'jaxtrain[hf]'") from None
+        raise ImportError("Hugging Face checkpoints need the safetensors package: pip install safetensors") from None
 
 
 def _safetensors_files(path: Path) -> list[Path]:

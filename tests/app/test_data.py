@@ -283,3 +283,158 @@ def test_prefetcher_propagates_exception():
         with pytest.raises(RuntimeError, match="bad step 2"):
             next(it)
         it.close()
+
+
+# ---------------------------------------------------------------- tokenizers and records
+
+DOCS = ["first document\nwith two lines", "second: héllo wörld 🐍", "", "fourth\n\nhas a blank line\n",
+        *[f"doc {i}: def f(x):\n    return x + {i}\n" for i in range(150)]]
+
+
+def _folder(tmp_path, name, files: dict) -> str:
+    root = tmp_path / name
+    root.mkdir()
+    for rel, text in files.items():
+        (root / rel).write_text(text, encoding="utf-8")
+    return str(root)
+
+
+def _jsonl(docs, field="text") -> str:
+    import json
+
+    return "".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs))
+
+
+def _same(a: data.Corpus, b: data.Corpus) -> None:
+    np.testing.assert_array_equal(a.train, b.train)
+    np.testing.assert_array_equal(a.val, b.val)
+
+
+def test_bytes_tokenizer_gives_todays_tokens(tmp_path):
+    files = {"b.txt": "bbb\n", "a.txt": "héllo\n" * 50}
+    root = _folder(tmp_path, "docs", files)
+    c = data.load_corpus(cfg(tmp_path, source=root, tokenizer="bytes"))
+    joined = b"".join(f"# file: {r}\n{files[r]}\n".encode() for r in sorted(files))  # today's format
+    split = len(joined) - int(len(joined) * 0.05)
+    assert bytes(np.asarray(c.train)) == joined[:split] and bytes(np.asarray(c.val)) == joined[split:]
+    assert c.tokenizer is data.tokenizer.BYTES and c.train.dtype == np.uint8
+    _same(c, data.load_corpus(cfg(tmp_path, source=root)))  # the default is bytes
+    assert c.fingerprint == data.load_corpus(cfg(tmp_path, source=root)).fingerprint
+    assert c.fingerprint.startswith(f"bytes:{split}+{len(joined) - split}:")
+    other = data.Corpus("x", np.asarray(c.train).copy(), np.asarray(c.val).copy())
+    other.train[3] += 1
+    assert other.fingerprint.split(":")[1:2] == c.fingerprint.split(":")[1:2]  # same counts
+    assert other.fingerprint.rsplit(":", 1)[1] != c.fingerprint.rsplit(":", 1)[1]  # another hash
+
+
+def test_val_split_is_the_same_text_for_bytes_and_bpe(tmp_path):
+    root = _folder(tmp_path, "docs", {f"{i}.txt": f"text {i} é\n" * 40 for i in range(20)})
+    by = data.load_corpus(cfg(tmp_path, source=root))
+    bpe = data.load_corpus(cfg(tmp_path, source=root, tokenizer="bpe:300"))
+    assert bpe.train.dtype == np.uint16 and isinstance(bpe.train, np.memmap) and len(bpe.train) < len(by.train)
+    assert bpe.tokenizer.decode(bpe.val) == data.decode(by.val)
+    assert bpe.tokenizer.decode(bpe.train) == data.decode(by.train)
+    assert int(bpe.tokenizer.token_bytes[np.asarray(bpe.val)].sum()) == len(by.val)
+    assert bpe.fingerprint.startswith(f"{bpe.tokenizer.identity}:{len(bpe.train)}+{len(bpe.val)}:")
+
+
+def test_token_cache_is_reused_and_rebuilt_when_damaged(tmp_path, caplog):
+    root = _folder(tmp_path, "docs", {"a.txt": "hello world\n" * 3000})
+    c = cfg(tmp_path, source=root, tokenizer="bpe:260")
+    loaded = data.load_corpus(c)
+    first = data.Corpus("copy", np.array(loaded.train), np.array(loaded.val))  # the files get damaged below
+    caches = sorted((tmp_path / "cache").glob("tok-*.npy"))
+    assert len(caches) == 2 and not list((tmp_path / "cache").glob("*.tmp"))  # train and val
+    mtimes = [p.stat().st_mtime_ns for p in caches]
+    _same(first, data.load_corpus(c))
+    assert [p.stat().st_mtime_ns for p in caches] == mtimes  # reused
+    caches[0].write_bytes(caches[0].read_bytes()[:200])  # truncated, e.g. by a full disk
+    _same(first, data.load_corpus(c))
+    assert "unreadable" in caplog.text and "rebuilding" in caplog.text
+
+
+def test_text_chunks_cut_after_newlines_and_between_characters():
+    from jaxtrain.app import sources
+
+    text = ("line é\n" * 50 + "🐍" * 400).encode()
+    arr = np.frombuffer(text, np.uint8)
+    pieces = list(sources.text_chunks(arr, 0, len(arr), size=100))
+    assert b"".join(pieces) == text and len(pieces) > 10
+    for p in pieces:
+        p.decode("utf-8")  # strict: no piece ends inside a character
+    assert all(p.endswith(b"\n") for p in pieces[:3])
+
+
+@pytest.mark.parametrize("tok", ["bytes", "bpe:300"])
+def test_jsonl_and_parquet_records_tokenize_like_the_equivalent_text(tmp_path, tok):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "joined.txt").write_text("\n\n".join(DOCS), encoding="utf-8")
+    want = data.load_corpus(cfg(tmp_path, source=str(tmp_path / "joined.txt"), tokenizer=tok))
+    jsonl = _folder(tmp_path, "jsonl", {"a.jsonl": _jsonl(DOCS[:70]), "b.jsonl": "\n" + _jsonl(DOCS[70:])})
+    _same(want, data.load_corpus(cfg(tmp_path, source=jsonl, glob="*.jsonl", tokenizer=tok)))
+    (tmp_path / "pq").mkdir()
+    for name, part in (("0.parquet", DOCS[:3]), ("1.parquet", DOCS[3:])):
+        pq.write_table(pa.table({"body": part, "n": list(range(len(part)))}), tmp_path / "pq" / name,
+                       row_group_size=7)
+    got = data.load_corpus(cfg(tmp_path, source=str(tmp_path / "pq"), glob="*.parquet", text_field="body",
+                               tokenizer=tok))
+    _same(want, got)
+    single = data.load_corpus(cfg(tmp_path, source=str(tmp_path / "jsonl" / "a.jsonl"), tokenizer=tok))
+    assert single.tokenizer.decode(np.concatenate([single.train, single.val])) == "\n\n".join(DOCS[:70])
+
+
+def test_record_errors_name_file_and_line(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    cases = {
+        "nofield.jsonl": ('{"text": "a"}\n{"body": "b"}\n', "nofield.jsonl' line 2 has no field 'text' "
+                                                           "\\(data.text_field\\); its fields: body"),
+        "notjson.jsonl": ('{"text": "a"}\n{oops\n', "notjson.jsonl' line 2 is not JSON"),
+        "notstr.jsonl": ('{"text": 5}\n', "notstr.jsonl' line 1: field 'text' \\(data.text_field\\) is int, not text"),
+        "list.jsonl": ('["a"]\n', "list.jsonl' line 1 has no field 'text'.*JSON list, not an object"),
+    }
+    for name, (body, match) in cases.items():
+        (tmp_path / name).write_text(body)
+        _raises(f"data.source='{tmp_path / name}': '.*{match}", data.load_corpus,
+                cfg(tmp_path, source=str(tmp_path / name)))
+    pq.write_table(pa.table({"body": ["a"]}), tmp_path / "col.parquet")
+    _raises("col.parquet' has no column 'text' \\(data.text_field\\); its columns: body", data.load_corpus,
+            cfg(tmp_path, source=str(tmp_path / "col.parquet")))
+    pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "null.parquet")
+    _raises("null.parquet' row 1: column 'text' \\(data.text_field\\) is null", data.load_corpus,
+            cfg(tmp_path, source=str(tmp_path / "null.parquet")))
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    _raises("bad.parquet' is not a readable Parquet file", data.load_corpus,
+            cfg(tmp_path, source=str(tmp_path / "bad.parquet")))
+    mixed = _folder(tmp_path, "mixed", {"a.txt": "x", "b.jsonl": _jsonl(["y"])})
+    _raises("matches both record files", data.load_corpus, cfg(tmp_path, source=mixed, glob="*"))
+    np.save(tmp_path / "ids.npy", np.arange(100) % 7)
+    _raises("data.tokenizer='bpe:300' is trained on text, but data.source=.*ids.npy' holds token ids",
+            data.load_corpus, cfg(tmp_path, source=str(tmp_path / "ids.npy"), tokenizer="bpe:300"))
+
+
+def test_pyarrow_missing_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "a.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if not installed
+    _raises("needs pyarrow: pip install pyarrow", data.load_corpus, cfg(tmp_path, source=str(tmp_path / "a.parquet")))
+
+
+def test_a_vocabulary_over_65536_tokens_is_cached_as_uint32(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(70_000)}
+    vocab["[UNK]"] = 70_000
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "big.json"))
+    (tmp_path / "t.txt").write_text(" ".join(f"w{i * 997 % 70_000}" for i in range(2000)))
+    c = data.load_corpus(cfg(tmp_path, source=str(tmp_path / "t.txt"), tokenizer=str(tmp_path / "big.json")))
+    assert c.train.dtype == np.uint32 and c.vocab_size > 65536 and len(c.train) + len(c.val) == 2000
+
+
+def test_bytes_per_token():
+    tb = np.array([1, 2, 3, 0])
+    assert data.bytes_per_token([np.array([[0, 1], [2, 2]])], tb) == 9 / 4
+    assert data.bytes_per_token([np.array([3, 3])], tb) is None  # no bytes: no bits per byte
+    assert data.bytes_per_token([np.array([7])], tb) is None  # an id the tokenizer lacks counts 0

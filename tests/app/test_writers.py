@@ -74,3 +74,28 @@ def test_a_resumed_log_keeps_the_history_up_to_the_resumed_step(tmp_path):
     with writers.MetricsLog(other, start_step=0, total_steps=1, enabled=False) as log:  # another process
         log.write({"step": 1, "loss": 1.0})
     assert list(other.iterdir()) == []
+
+
+def test_bits_per_byte_show_in_the_bar_the_summary_line_and_the_plot(tmp_path, capsys):
+    import math
+
+    from jaxtrain.app import plot
+    from jaxtrain.app.config import LogConfig
+
+    assert writers.bits_per_byte(2.0, 1.0) == 2.0 / math.log(2)
+    assert writers.bits_per_byte(2.0, 4.0) == 0.5 / math.log(2)
+    assert writers.bits_per_byte(None, 4.0) is None and writers.bits_per_byte(2.0, None) is None
+    cfg = LogConfig(progress=True, tensorboard=False)
+    with writers.MetricsLog(tmp_path, start_step=0, total_steps=10, enabled=True, log_cfg=cfg) as log:
+        log.write({"step": 5, "loss": 2.0, "val_loss": 2.5, "val_bpb": 1.25})
+        log.write({"step": 10, "loss": 1.9})
+    bar = capsys.readouterr().err
+    assert "val 2.5000 (1.250 bpb)" in bar and "val 2.5000 (1.250 bpb) @5" in bar
+    line = writers.summary_line(steps=10, val_loss=2.5, baseline=3.0, tokens_per_s=1e3, mfu_=None, train_s=1.0,
+                                wall_s=2.0, val_bpb=1.25)
+    assert "final val loss 2.5000 nats/token (unigram baseline 3.0000), 1.2500 bits/byte |" in line
+    assert "bits/byte" not in writers.summary_line(steps=10, val_loss=2.5, baseline=None, tokens_per_s=1e3,
+                                                   mfu_=None, train_s=1.0, wall_s=2.0)
+    rows = trackers.read_jsonl(tmp_path / trackers.METRICS_FILE)
+    plot.plot(rows, tmp_path / "plot.png", baseline=3.0)
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
