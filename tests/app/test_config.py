@@ -12,22 +12,69 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "jaxtrain" / "configs").glob("*.yaml"))
 
 
+@pytest.fixture
+def gpt2_tokenizer_here(tmp_path, monkeypatch):
+    """A stand-in for GPT-2's tokenizer.json where gpt2-124m.yaml looks for it (gpt2/ in the working directory)."""
+    from jaxtrain.app import tokenizer
+
+    (tmp_path / "gpt2").mkdir()
+    tokenizer.train_bpe(["def f(x):\n    return x\n"] * 20, 300, progress=False).save(tmp_path / "gpt2/tokenizer.json")
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_load_and_only_set_known_keys(path):
+def test_shipped_configs_load_and_only_set_known_keys(path, gpt2_tokenizer_here):
     cfg = config.load(path)
     assert isinstance(cfg, config.Config)
     # A file that sets a key to the default is fine; a typo would have raised above.
     assert cfg.run_dir.startswith("runs/")
 
 
-def test_shipped_configs_have_expected_shapes():
+def test_shipped_configs_have_expected_shapes(gpt2_tokenizer_here):
     tiny = config.load(ROOT / "jaxtrain/configs/tiny.yaml")
     assert (tiny.model.n_layer, tiny.model.n_embd, tiny.model.block_size, tiny.train.batch_size) == (2, 64, 64, 8)
+    assert tiny.model.vocab_size == 256  # null: the byte tokenizer's
     gpt2 = config.load(ROOT / "jaxtrain/configs/gpt2-124m.yaml")
     m = gpt2.model
-    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dtype, m.attention) == (
-        12, 12, 768, 1024, "bfloat16", "cudnn")
+    assert (m.arch, m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size, m.activation, m.dtype, m.attention) == (
+        "gpt", 12, 12, 768, 1024, 50304, "gelu_tanh", "bfloat16", "cudnn")
     assert gpt2.train.batch_size % gpt2.train.grad_accum == 0
+    llama = config.load("llama-125m")
+    core = config.model_config(llama.model)
+    assert (type(core).__name__, core.n_layer, core.n_head, core.kv_heads, core.n_embd, core.vocab_size) == (
+        "LlamaConfig", 12, 12, 4, 768, 32000)
+    from jaxtrain.models import Llama
+    from flax import nnx
+
+    n = nnx.eval_shape(lambda: Llama(core, rngs=nnx.Rngs(0))).num_params(non_embedding=False)
+    assert 120e6 < n < 130e6, n  # "about 125M parameters", as the file says
+
+
+def test_gpt2_config_names_the_tokenizer_it_needs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(config.ConfigError, match=r"data.tokenizer='gpt2/tokenizer.json': no such file"):
+        config.load("gpt2-124m")
+
+
+def test_model_keys_of_one_architecture_are_refused_for_the_other():
+    with pytest.raises(config.ConfigError, match=r"model.n_kv_head=2: applies to model.arch=llama only"):
+        config.load("tiny", ["model.n_kv_head=2"])
+    with pytest.raises(config.ConfigError, match=r"model.activation='gelu_tanh': applies to model.arch=gpt only"):
+        config.load("tiny", ["model.arch=llama", "model.activation=gelu_tanh"])
+    with pytest.raises(config.ConfigError, match=r"model.n_kv_head=3: must divide model.n_head=4"):
+        config.load("tiny", ["model.arch=llama", "model.n_kv_head=3"])
+    with pytest.raises(config.ConfigError, match=r"model.arch='mamba': must be one of gpt, llama"):
+        config.load("tiny", ["model.arch=mamba"])
+    llama = config.model_config(config.load("tiny", ["model.arch=llama", "model.n_kv_head=1",
+                                                     "model.rope_theta=500000"]).model)
+    assert (llama.kv_heads, llama.rope_theta, llama.tie_embeddings) == (1, 500000.0, True)
+    gpt = config.model_config(config.load("tiny").model)
+    assert (gpt.bias, gpt.activation) == (True, "gelu")  # null: today's nanoGPT GPT
+
+
+def test_vocab_size_follows_the_tokenizer_unless_given():
+    assert config.load("tiny", ["data.tokenizer=bpe:1000"]).model.vocab_size == 1000
+    assert config.load("tiny", ["data.tokenizer=bpe:1000", "model.vocab_size=1024"]).model.vocab_size == 1024
 
 
 def test_no_arguments_use_default_yaml():
@@ -112,7 +159,7 @@ def test_unknown_option_is_a_config_error():
         run.load_config(["--stepz", "3"])
 
 
-def test_resolved_config_round_trips_through_yaml(tmp_path):
+def test_resolved_config_round_trips_through_yaml(tmp_path, gpt2_tokenizer_here):
     cfg = run.load_config(["--config", str(ROOT / "jaxtrain/configs/gpt2-124m.yaml"), "train.steps=3"])
     (tmp_path / "config.yaml").write_text(config.to_yaml(cfg))
     assert config.load(tmp_path / "config.yaml") == cfg
@@ -165,7 +212,7 @@ def test_the_jaxtrain_command_dispatches_and_names_an_unknown_command(capsys):
     assert run.main(["--help"]) == 0
     assert "run " in capsys.readouterr().out
     assert run.main(["trian"]) == run.EXIT_USER_ERROR
-    assert "unknown command 'trian'; the commands are run and generate" in capsys.readouterr().err
+    assert "unknown command 'trian'; the commands are run, generate and export" in capsys.readouterr().err
     assert run.main(["run", "--help"]) == 0 and capsys.readouterr().out.startswith("usage: jaxtrain run")
 
 
