@@ -65,6 +65,8 @@ LLAMA = {
                                 rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False),
 }
 CASES = [("gpt2", name) for name in GPT2] + [("llama", name) for name in LLAMA]
+# the fast tier checks one model of each kind; the slow one all of them
+FAST_FIRST = [pytest.param(*case, marks=() if case in (CASES[0], CASES[2]) else pytest.mark.slow) for case in CASES]
 
 
 def hf_model(kind: str, name: str, seed: int = 0):
@@ -106,7 +108,7 @@ def saved(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind,name", CASES)
+@pytest.mark.parametrize("kind,name", FAST_FIRST)
 def test_import_and_export_match_transformers(kind, name, saved, tmp_path):
     hf, path = saved[kind, name]
     model, info = load_pretrained(path)

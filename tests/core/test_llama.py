@@ -93,8 +93,8 @@ def test_positions_matter():
     assert not np.allclose(forward(model, x)[0, -1], forward(model, y)[0, -1], atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(n_kv_head=1, tie_embeddings=True), dict(n_kv_head=None, head_dim=None),
-                                     dict(dtype="bfloat16")])
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_head=1, tie_embeddings=True, dtype="bfloat16"),
+                                     pytest.param(dict(n_kv_head=None, head_dim=None), marks=pytest.mark.slow)])
 def test_decode_with_the_kv_cache_equals_the_full_forward(variant):
     cfg = dataclasses.replace(CFG, **variant)
     model = Llama(cfg, rngs=nnx.Rngs(1))
@@ -119,6 +119,7 @@ def _grads(cfg: LlamaConfig):
     return jax.jit(jax.grad(lambda p: lm_loss(nnx.merge(graphdef, p), batch, None)[0]))(params)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
     ref, got = _grads(CFG), _grads(dataclasses.replace(CFG, remat=True))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, ref)
@@ -144,6 +145,7 @@ def test_bfloat16_compute_keeps_float32_params_and_trains():
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_attention_dropout_only_in_training_and_driven_by_the_key():
     model = Llama(dataclasses.replace(CFG, dropout=0.3), rngs=nnx.Rngs(0))
     x = _tokens()
