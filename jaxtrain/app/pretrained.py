@@ -17,6 +17,7 @@ module maps them onto the run's config and files.
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any, Optional
 from jaxtrain.app.config import Config, ConfigError, ModelConfig, model_config, replace
 
 PyTree = Any
+log = logging.getLogger(__name__)
 
 # ModelConfig key -> the core config's field of the same meaning
 _SHAPE_KEYS = ("arch", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "mlp_hidden", "bias",
@@ -56,8 +58,9 @@ def _model_keys(core) -> dict[str, Any]:
 def resolve(cfg: Config) -> Config:
     """``cfg`` with the model section of ``model.init_from``'s ``config.json``.
 
-    A shape key left at its default takes the directory's value; one given a
-    different value is refused (the weights would not fit). ``model.block_size``
+    The shape keys (:data:`_SHAPE_KEYS`) take the directory's values; those the
+    config set otherwise (e.g. a packaged config's sizes) are named in a
+    warning. ``model.block_size``
     is kept when it fits the checkpoint's positions (GPT-2 can be fine-tuned on
     a shorter context); ``data.tokenizer`` left at ``bytes`` becomes the
     directory's ``tokenizer.json`` when it has one.
@@ -73,19 +76,16 @@ def resolve(cfg: Config) -> Config:
     except OSError as e:
         raise ConfigError(f"{where}: cannot be read: {e}") from None
     wanted = _model_keys(core)
-    changes: dict[str, Any] = {}
-    for key in _SHAPE_KEYS:
-        mine, theirs = getattr(cfg.model, key), wanted[key]
-        if mine == getattr(_DEFAULTS, key) or mine == theirs:
-            changes[key] = theirs
-        elif not (key == "arch" and mine == theirs):
-            raise ConfigError(f"{where}: model.{key}={mine!r} conflicts with the directory's config.json "
-                              f"({key} = {theirs!r}); drop model.{key} (it comes from the checkpoint)")
+    replaced = [f"{key} {getattr(cfg.model, key)!r} -> {wanted[key]!r}" for key in _SHAPE_KEYS
+                if getattr(cfg.model, key) not in (wanted[key], getattr(_DEFAULTS, key))]
+    if replaced:  # e.g. a packaged config's sizes: the weights decide
+        log.warning("%s: the model's shape comes from its config.json, replacing model.%s", where,
+                    ", model.".join(replaced))
     limit = core.block_size if wanted["arch"] == "gpt" else None  # GPT-2's learned positions end there
     if limit is not None and cfg.model.block_size > limit:
         raise ConfigError(f"{where}: model.block_size={cfg.model.block_size} exceeds the checkpoint's {limit} "
                           f"positions; use model.block_size <= {limit}")
-    new = replace(cfg, model=changes)
+    new = replace(cfg, model=wanted)
     tokenizer = path / "tokenizer.json"
     if cfg.data.tokenizer == "bytes" and tokenizer.is_file():
         new = replace(new, data=dict(tokenizer=str(tokenizer)))
