@@ -35,7 +35,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from jaxtrain.app.preempt import INTERRUPTED_EXIT_CODE, Preempted, RunStopped  # standard library only
+from jaxtrain.app.preempt import (INTERRUPTED_EXIT_CODE, TERMINATED_EXIT_CODE, Preempted, RunStopped,  # stdlib only
+                                  Terminated)
 
 if TYPE_CHECKING:
     from jaxtrain.app.config import Config
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 # The config the bare command trains, shipped inside the package.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 EXIT_USER_ERROR = 2
-TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143, as the signal's default action reports it
 
 _USAGE = """\
 usage: jaxtrain run [--config NAME|FILE.yaml] [key.sub=value ...]
@@ -161,14 +161,19 @@ commands:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``jaxtrain`` command (``run`` / ``generate``); returns the exit status."""
+    """Entry point of the ``jaxtrain`` command (``run`` / ``generate``); returns the exit status.
+
+    Called without ``argv`` (as the process's entry point), a failed run ends the
+    process at once after its error line (:func:`_leave_promptly`).
+    """
+    entry = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "generate":
         from jaxtrain.app import generate
 
         return generate.main(argv[1:])
     if argv and argv[0] == "run":
-        return run(argv[1:])
+        return _leave_promptly(run(argv[1:])) if entry else run(argv[1:])
     if argv and argv[0] in ("-h", "--help", "help"):
         print(_COMMANDS)
         return 0
@@ -176,12 +181,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: unknown command '{argv[0]}'; the commands are run and generate (jaxtrain --help)",
               file=sys.stderr)
         return EXIT_USER_ERROR
-    return run(argv)
+    return _leave_promptly(run(argv)) if entry else run(argv)
+
+
+def _leave_promptly(code: int) -> int:
+    """After a failed run, end the process now if threads it cannot stop are still alive.
+
+    A failed checkpoint write leaves Orbax's writer threads waiting (up to 300 s) for
+    a signal from the thread that failed; the interpreter would wait for them
+    before exiting. The error line is out and every file is closed by then, so
+    ``os._exit`` loses nothing. Only for the process's entry point: in-process
+    callers (tests, notebooks) get the status back.
+    """
+    lingering = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
+                 and t.is_alive()]
+    if code != 0 and lingering:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
-    """``jaxtrain run`` (and ``python -m jaxtrain.run``): train; returns the exit status."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """``jaxtrain run`` (and ``python -m jaxtrain.run``): train; returns the exit status.
+
+    Without ``argv`` (the process's entry point), a failed run ends the process
+    at once after its error line (:func:`_leave_promptly`).
+    """
+    if argv is None:
+        return _leave_promptly(run(sys.argv[1:]))
+    argv = list(argv)
     if "-h" in argv or "--help" in argv:
         print(usage())
         return 0
@@ -261,7 +290,7 @@ def _run_quietly(argv: Sequence[str]) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except Preempted as e:  # SIGTERM / Ctrl-C in the loop: a checkpoint was saved; rerunning resumes
+    except (Preempted, Terminated) as e:  # SIGTERM / Ctrl-C in the loop: a checkpoint was saved first
         print(str(e), file=sys.stderr)
         return e.exit_code
     except RunStopped as e:  # non-finite steps, unreadable checkpoints

@@ -70,6 +70,9 @@ class Task:
       unit: what ``tokens_per_s`` counts, for the summary line: ``"token"`` or ``"example"``.
       baseline: a reference loss drawn in the plot (the unigram entropy of a corpus).
       describe: the header's words about the model and data (default: the name and parameter count).
+      data_fingerprint: identifies the training data (e.g. its size and a hash of the token
+        stream); saved with each checkpoint, and a resume on data with another fingerprint is
+        refused (``checkpoint.allow_data_change``). None: not checked.
     """
 
     name: str
@@ -86,6 +89,7 @@ class Task:
     unit: str = "example"
     baseline: Optional[float] = None
     describe: str = ""
+    data_fingerprint: Optional[str] = None
 
 
 def load(cfg: Config, *, with_data: bool = True) -> Task:
