@@ -203,7 +203,7 @@ def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ValueError("metadata has no 'config' mapping")
-    integrity.check_digest(meta, f"step {step}")
+    integrity.check_digest(meta)
     data_step = meta.get("data_step")
     if not isinstance(data_step, int) or isinstance(data_step, bool) or data_step < 0:
         raise ValueError(f"metadata's 'data_step' is {data_step!r}, not a step number")
@@ -379,7 +379,7 @@ def _restore_checked(mngr: ocp.CheckpointManager, step: int, abstract_state: Tra
     _check_tree(mngr, step, leaves(abstract_state), where)
     state = _restore_step(mngr, step, abstract_state)
     if isinstance(meta.get("checksums"), dict):
-        integrity.verify(leaves(state), meta["checksums"], where)
+        integrity.verify(leaves(state), meta["checksums"])
     else:
         log.warning("checkpoint %s has no checksums (saved by an older jaxtrain): restored unverified", where)
     return state, meta
@@ -403,21 +403,18 @@ def _check_data(meta: dict, fingerprint: Optional[str], config: Config, where: s
 
 
 def _one_line(e: Optional[BaseException]) -> str:
-    """The exception's type and first line; for an error whose text is a repr (TensorStore's
-    futures wrap theirs), the first cause or context that says more."""
+    """The exception's type and first line. Orbax wraps TensorStore's read errors in an exception
+    whose text ends in a pybind11 repr of the array's spec; the reason is its cause, said instead."""
     if e is None:
         return "-"
-    seen = e
     for _ in range(4):
-        text = str(seen).strip()
-        if text and not text.startswith("<"):
+        text = str(e).strip()
+        wrapped = not text or text.startswith("<") or "See full TensorStore details" in text
+        if not (wrapped and e.__cause__ is not None):
             break
-        seen = seen.__cause__ or seen.__context__
-        if seen is None:
-            seen = e
-            break
-    msg = str(seen).strip().splitlines()
-    return f"{type(seen).__name__}: {msg[0][:200] if msg else ''}"
+        e = e.__cause__
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
 
 
 # What the operating system said, wherever it sits in a long storage error.
@@ -436,7 +433,7 @@ def _brief(e: BaseException, keep: int = 160) -> str:
 
 
 def _warn_damaged(step: int, mngr: ocp.CheckpointManager, e: BaseException) -> None:
-    log.warning("checkpoint step %d in '%s' is unreadable (%s); falling back to an older step",
+    log.warning("checkpoint step %d in '%s' is damaged (%s); falling back to an older step",
                 step, mngr.directory, _one_line(e))
 
 

@@ -185,17 +185,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _leave_promptly(code: int) -> int:
-    """After a failed run, end the process now if threads it cannot stop are still alive.
+    """After a failed run, end the process now, without the interpreter's shutdown.
 
     A failed checkpoint write leaves Orbax's writer threads waiting (up to 300 s) for
-    a signal from the thread that failed; the interpreter would wait for them
-    before exiting. The error line is out and every file is closed by then, so
-    ``os._exit`` loses nothing. Only for the process's entry point: in-process
-    callers (tests, notebooks) get the status back.
+    a signal from the thread that failed, and the interpreter would wait for them
+    before exiting; a failed read leaves TensorStore callbacks that print "Event
+    loop is closed" tracebacks while it shuts down. The error line is out and every
+    file is closed by then (the run's ``finally`` blocks ran), so ``os._exit``
+    loses nothing. Only for the process's entry point: in-process callers (tests,
+    notebooks) get the status back.
     """
-    lingering = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
-                 and t.is_alive()]
-    if code != 0 and lingering:
+    if code != 0:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

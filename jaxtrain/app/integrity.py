@@ -84,13 +84,14 @@ def array_checksums(tree: PyTree) -> dict[str, str]:
     return {path_str(p): f"{int(v[0]):08x}{int(v[1]):08x}" for p, v in flat}
 
 
-def verify(tree: PyTree, expected: dict[str, str], where: str) -> None:
+def verify(tree: PyTree, expected: dict[str, str]) -> None:
     """Raise :class:`IntegrityError` unless ``tree``'s checksums equal ``expected`` (same paths too)."""
     got = array_checksums(tree)
-    for path in sorted(set(got) | set(expected)):
-        if got.get(path) != expected.get(path):
-            raise IntegrityError(f"{where}: array {path} fails its checksum (saved {expected.get(path, 'none')}, "
-                                 f"read {got.get(path, 'none')}): the files were changed after they were written")
+    bad = [p for p in sorted(set(got) | set(expected)) if got.get(p) != expected.get(p)]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise IntegrityError(f"array {bad[0]}{more} fails its checksum (saved {expected.get(bad[0], 'none')}, "
+                             f"read {got.get(bad[0], 'none')})")
 
 
 def digest(meta: dict) -> str:
@@ -99,7 +100,7 @@ def digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def check_digest(meta: dict, where: str) -> bool:
+def check_digest(meta: dict) -> bool:
     """True when ``meta`` carries a digest and it matches; False when it has none (an older checkpoint).
 
     Raises :class:`IntegrityError` when the digest does not match.
@@ -108,6 +109,5 @@ def check_digest(meta: dict, where: str) -> bool:
     if saved is None:
         return False
     if saved != digest(meta):
-        raise IntegrityError(f"{where}: the metadata fails its checksum: the files were changed after they "
-                             "were written")
+        raise IntegrityError(f"the metadata fails its checksum (saved {str(saved)[:16]}, read {digest(meta)[:16]})")
     return True

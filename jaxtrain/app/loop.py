@@ -186,6 +186,29 @@ def _compile_steps(run_cfg: Config, task: Task, mesh: Mesh, abstract_state: Trai
     return train, evaluate
 
 
+def _check_memory(cfg: Config, task: Task, mesh: Mesh, abstract_state: TrainState, shardings: PyTree,
+                  first_batch: PyTree, train, evaluate) -> None:
+    """``ConfigError`` when the compiled steps need more memory than there is (:mod:`.memory`). With the
+    CPU kernels on, also the forward pass of a microbatch compiled with plain XLA ops, whose plan counts
+    what the kernels keep out of sight (attention's T x T scores)."""
+    memory.check_fits(train, evaluate)
+    try:
+        import jaxtrain.cpu as cpu_backend
+    except ImportError:
+        return
+    if not cpu_backend.is_enabled():
+        return
+    cpu_backend.disable()
+    try:
+        forward = parallel.jit_eval_step(lambda s, b: eval_step(s, b, loss_fn=task.loss_fn)["loss"], mesh, shardings)
+        rows = cfg.train.batch_size // cfg.train.grad_accum
+        forward = forward.lower(abstract_state, _abstract(first_batch, mesh, rows)).compile()
+    finally:
+        cpu_backend.enable()
+    memory.check_fits(forward, what="the forward pass of one microbatch with plain XLA ops (the CPU kernels "
+                      "would hide this memory, trading it for a step that may never finish)")
+
+
 def _eval_parts(cfg: Config, task: Task) -> list[PyTree]:
     """The fixed validation set as host batches: the task's ``eval_batches`` of ``batch_size`` rows,
     each evaluated in ``grad_accum`` equal parts (the microbatch size, which fits wherever training
@@ -230,7 +253,7 @@ def _setup(cfg: Config, lock: Optional[runlock.RunLock] = None) -> Run:
     train, evaluate = _compile_steps(cfg, task, mesh, abstract, shardings, first,
                                      eval_parts[0] if eval_parts else None)
     if cfg.train.memory_check:
-        memory.check_fits(train, evaluate)
+        _check_memory(cfg, task, mesh, abstract, shardings, first, train, evaluate)
     tokens_per_example = max(int(task.tokens_per_example), 1)
     flops = None if task.flops_per_example is None else task.flops_per_example / tokens_per_example
     return Run(

@@ -8,6 +8,13 @@ TPUs; on CPU, where every device shares the host, ``MemAvailable`` from
 ``/proc/meminfo`` divided among the local devices) and raises a one-line
 :class:`ConfigError` before anything is written when it does not fit.
 
+A kernel called through XLA's FFI (the CPU backend's fused attention) keeps its
+own scratch out of XLA's plan and trades memory for time: such a step's plan
+stays small at any sequence length while the step itself may never finish. So
+with the CPU kernels on, the loop also checks the forward pass compiled with
+plain XLA ops (:func:`jaxtrain.app.loop.setup`), which counts attention's
+``B x N x T x T`` scores.
+
 Example::
 
     train = jitted.lower(state, batch).compile()
@@ -79,16 +86,17 @@ def size(n: float) -> str:
     return f"{n / 2**10:.1f} KB"
 
 
-def check_fits(*compiled) -> None:
+def check_fits(*compiled, what: str = "one training step") -> None:
     """Raise :class:`ConfigError` when the largest of the ``compiled`` programs (None entries are
-    skipped) needs more memory per device than :func:`available_bytes`; silent when either is unknown."""
+    skipped) needs more memory per device than :func:`available_bytes`; silent when either is unknown.
+    ``what`` names the programs in the message."""
     needs = [n for n in (needed_bytes(c) for c in compiled if c is not None) if n is not None]
     have = available_bytes()
     if not needs or have is None:
         return
     need, (avail, where) = max(needs), have
     if need > avail:
-        raise ConfigError(f"this config needs {size(need)} of memory per device for one training step but "
+        raise ConfigError(f"this config needs {size(need)} of memory per device for {what} but "
                           f"{size(avail)} is available ({where}); shrink {', '.join(SHRINK)}, raise "
                           "train.grad_accum or parallel.fsdp, or set train.memory_check=false to try anyway")
 
