@@ -11,14 +11,16 @@ Usage::
 
 Exit status: 0 when training finished; 2 for a user mistake (bad config key or
 value, unusable data, a batch that does not split across the devices, an
-incompatible checkpoint), printed as one ``error: ...`` line on stderr with
-nothing written to the run directory; 75 after SIGTERM or Ctrl-C (the current
+incompatible checkpoint, a run directory another live run holds, a config that
+needs more memory than there is, a resume on another corpus), printed as one
+``error: ...`` line on stderr with nothing written to the run directory; 75 after SIGTERM or Ctrl-C (the current
 step finished and a checkpoint was saved: run the same command again to resume;
 a second Ctrl-C exits at once with 130, as does a Ctrl-C before the loop
 starts, e.g. while compiling); 143 after SIGTERM outside the training loop (while
-loading data or compiling: nothing new to save); 1 when ``train.max_nonfinite``
-consecutive steps were non-finite or no checkpoint in the run directory is
-readable.
+loading data or compiling: nothing new to save), or during the final save (which
+commits first); 1 when ``train.max_nonfinite``
+consecutive steps were non-finite, no checkpoint in the run directory is
+readable, or a checkpoint write failed.
 """
 
 from __future__ import annotations
