@@ -138,7 +138,8 @@ def causal_attention(qkv_BT3NH: jax.Array, *, dropout_rate: float = 0.0, dropout
     q_BNTH, k_BNTH, v_BNTH = qkv_BT3NH.transpose(2, 0, 3, 1, 4)
     T, H = q_BNTH.shape[2], q_BNTH.shape[3]
     logits_BNTS = jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNTH).astype(jnp.float32) / math.sqrt(H)
-    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
+    # An iota comparison, not tril(ones): XLA folds a (T, T) constant at compile time, slowly for a large T.
+    causal_TS = jax.lax.broadcasted_iota(jnp.int32, (T, T), 0) >= jax.lax.broadcasted_iota(jnp.int32, (T, T), 1)
     probs_BNTS = jax.nn.softmax(jnp.where(causal_TS, logits_BNTS, -jnp.inf), axis=-1)
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, probs_BNTS.shape)

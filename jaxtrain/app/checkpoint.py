@@ -3,8 +3,11 @@
 A run directory keeps its checkpoints in ``run_dir/checkpoints/<step>/`` with two
 items: ``state`` (the TrainState leaves ``step, params, opt_state, rng,
 model_state``, written by ``StandardSave``) and ``meta`` (JSON: the resolved
-config, the data position, the jaxtrain version). The state's static parts
-(``graphdef``, ``tx``) are not saved; they are rebuilt from the config.
+config, the data position, the jaxtrain version, the corpus fingerprint, a
+checksum of every array and a digest of the metadata itself,
+:mod:`jaxtrain.app.integrity`). The state's static parts (``graphdef``, ``tx``)
+are not saved; they are rebuilt from the config. A restored step is verified
+against its checksums; a mismatch is damage (see :func:`restore_latest`).
 
 Saves are asynchronous (training continues while the files are written) and
 atomic: Orbax writes ``<step>.orbax-checkpoint-tmp*`` and renames it on commit, so
@@ -45,6 +48,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxtrain.app import config as config_lib
+from jaxtrain.app import integrity
 from jaxtrain.app.config import CheckpointConfig, Config, ConfigError
 from jaxtrain.app.preempt import RunStopped, path_str
 from jaxtrain.state import TrainState
@@ -101,19 +105,35 @@ def _write_errors(mngr: ocp.CheckpointManager):
                               "training stopped; the unfinished step is ignored when the run resumes") from e
 
 
+class _KeepVerified:
+    """Orbax preservation policy: the newest ``keep`` steps, every ``keep_every``-th, and the step the
+    run resumed from (read back and verified), which stays until the run ends, so a newer step that
+    turns out damaged never costs the last good one."""
+
+    def __init__(self, keep: Optional[int], keep_every: Optional[int]):
+        self.keep, self.keep_every = keep, keep_every
+        self.verified: Optional[int] = None
+
+    def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+        steps = [c.step for c in checkpoints]
+        newest = set(sorted(steps)[-self.keep:]) if self.keep else set(steps)
+        return [s in newest or s == self.verified or bool(self.keep_every and s % self.keep_every == 0)
+                for s in steps]
+
+
 def manager(run_dir: str | Path, cfg: CheckpointConfig, *, create: bool = True) -> ocp.CheckpointManager:
     """An Orbax ``CheckpointManager`` rooted at ``run_dir/checkpoints``.
 
     Keeps the newest ``cfg.keep`` steps, plus every step divisible by
-    ``cfg.keep_every`` when set; saves in the background when ``cfg.async_save``.
+    ``cfg.keep_every`` when set, plus the step :func:`restore_latest` verified
+    (until the manager closes); saves in the background when ``cfg.async_save``.
     The caller decides when to save (no save interval here) and must call
     ``mngr.wait_until_finished()`` (or ``mngr.close()``) before exiting.
     Creating a manager writes nothing; ``create=False`` leaves a missing
     directory missing (for readers).
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep,
-        keep_period=cfg.keep_every,
+        preservation_policy=_KeepVerified(cfg.keep, cfg.keep_every),
         enable_async_checkpointing=cfg.async_save,
         create=create,
     )
@@ -133,16 +153,21 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats])) if floats else jnp.bool_(True)
 
 
-def metadata(config: Config, data_step: int) -> dict[str, Any]:
-    """The JSON saved next to the state: resolved config, data position, versions."""
+def metadata(config: Config, data_step: int, checksums: Optional[dict[str, str]] = None,
+             data_fingerprint: Optional[str] = None) -> dict[str, Any]:
+    """The JSON saved next to the state: resolved config, data position, versions, the corpus
+    fingerprint, the arrays' checksums, and a digest of all that (``integrity.digest``)."""
     import jaxtrain
 
-    return {"config": config_lib.to_dict(config), "data_step": int(data_step),
-            "jaxtrain_version": jaxtrain.__version__, "saved_at": time.time()}
+    meta = {"config": config_lib.to_dict(config), "data_step": int(data_step),
+            "jaxtrain_version": jaxtrain.__version__, "saved_at": time.time(),
+            "data_fingerprint": data_fingerprint, "checksums": checksums}
+    meta[integrity.DIGEST_KEY] = integrity.digest(meta)
+    return meta
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, *, config: Config, data_step: int,
-         force: bool = False) -> bool:
+         force: bool = False, data_fingerprint: Optional[str] = None) -> bool:
     """Start saving ``state`` as step ``int(state.step)``; True when a save was started.
 
     Blocks only while the arrays are copied off the devices (the files are written
@@ -156,6 +181,8 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, *, config: Config, data
       config: the run's resolved config, stored as JSON.
       data_step: the step whose batch comes next (the data position).
       force: passed to Orbax (save even when its own policy would skip the step).
+      data_fingerprint: the task's corpus fingerprint (``Task.data_fingerprint``),
+        checked when the run resumes.
     """
     step = int(state.step)
     if step in mngr.all_steps():
@@ -163,8 +190,9 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, *, config: Config, data
     if not bool(_all_finite((state.params, state.opt_state))):
         log.warning("not saving checkpoint at step %d: params or optimizer state hold NaN/Inf", step)
         return False
-    args = ocp.args.Composite(state=ocp.args.StandardSave(leaves(state)),
-                              meta=ocp.args.JsonSave(metadata(config, data_step)))
+    saved = leaves(state)
+    meta = metadata(config, data_step, integrity.array_checksums(saved), data_fingerprint)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(saved), meta=ocp.args.JsonSave(meta))
     with _write_errors(mngr):
         return bool(mngr.save(step, args=args, force=force))
 
@@ -176,6 +204,7 @@ def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ValueError("metadata has no 'config' mapping")
+    integrity.check_digest(meta)
     data_step = meta.get("data_step")
     if not isinstance(data_step, int) or isinstance(data_step, bool) or data_step < 0:
         raise ValueError(f"metadata's 'data_step' is {data_step!r}, not a step number")
@@ -299,8 +328,8 @@ def check_resume(config: Config) -> None:
         mngr.close()
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState,
-                   config: Config) -> Optional[tuple[TrainState, dict]]:
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState, config: Config,
+                   data_fingerprint: Optional[str] = None) -> Optional[tuple[TrainState, dict]]:
     """Restore the newest readable checkpoint into ``abstract_state``'s shapes and shardings.
 
     Args:
@@ -309,18 +338,24 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState,
         its leaves carrying the target shardings (any device count: a run saved
         on 8 devices restores onto 1 or 4). Its ``graphdef`` and ``tx`` are kept.
       config: the current resolved config.
+      data_fingerprint: the current corpus's fingerprint (``Task.data_fingerprint``);
+        None skips the corpus check.
     Returns:
       ``(state, meta)`` with ``meta`` the saved JSON (``config``, ``data_step``,
       ``jaxtrain_version``), or None when there is no checkpoint (start fresh).
     Raises:
-      ConfigError: ``checkpoint.resume=false`` with existing checkpoints, or the
-        saved run's architecture differs from ``config`` (keys and values named).
+      ConfigError: ``checkpoint.resume=false`` with existing checkpoints, the
+        saved run's architecture differs from ``config`` (keys and values named),
+        or it was trained on another corpus (unless ``checkpoint.allow_data_change``).
       CheckpointError: checkpoints exist but none can be read (nothing deleted).
 
-    A damaged step (truncated or missing files) is skipped with a warning naming
-    it, and moved to ``run_dir/checkpoints-damaged/`` once an older step restored
-    (so the resumed run can save that step again); half-written
-    ``*.orbax-checkpoint-tmp*`` directories are never considered.
+    A damaged step (truncated or missing files, or arrays / metadata that fail
+    their checksums) is skipped with a warning naming it and the reason, and
+    moved to ``run_dir/checkpoints-damaged/`` once an older step restored (so the
+    resumed run can save that step again); half-written
+    ``*.orbax-checkpoint-tmp*`` directories are never considered. The step that
+    restored is kept by the manager's retention until it closes, however many
+    newer steps are saved.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
@@ -340,6 +375,10 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState,
             _warn_damaged(step, mngr, e)
             continue
         _move_aside(mngr, damaged)
+        _check_data(meta, data_fingerprint, config, f"step {step} in '{mngr.directory}'")
+        policy = getattr(mngr, "_preservation_policy", None)
+        if isinstance(policy, _KeepVerified):
+            policy.verified = step
         return state, meta
     raise CheckpointError(f"no readable checkpoint in '{mngr.directory}' (steps {', '.join(map(str, steps))} "
                           f"all failed; newest: {_one_line(first_error)}); nothing was deleted")
@@ -356,14 +395,44 @@ def _restore_checked(mngr: ocp.CheckpointManager, step: int, abstract_state: Tra
     meta = _read_meta(mngr, step)
     check_compatible(meta["config"], config, where)
     _check_tree(mngr, step, leaves(abstract_state), where)
-    return _restore_step(mngr, step, abstract_state), meta
+    state = _restore_step(mngr, step, abstract_state)
+    if isinstance(meta.get("checksums"), dict):
+        integrity.verify(leaves(state), meta["checksums"])
+    else:
+        log.warning("checkpoint %s has no checksums (saved by an older jaxtrain): restored unverified", where)
+    return state, meta
+
+
+def _check_data(meta: dict, fingerprint: Optional[str], config: Config, where: str) -> None:
+    """Refuse (``ConfigError``) a resume on another corpus than the one ``meta`` was trained on."""
+    saved = meta.get("data_fingerprint")
+    if fingerprint is None or saved == fingerprint:
+        return
+    if saved is None:
+        log.warning("checkpoint %s records no corpus fingerprint (saved by an older jaxtrain): the corpus "
+                    "cannot be compared", where)
+    elif config.checkpoint.allow_data_change:
+        log.warning("checkpoint %s was trained on corpus %s, the run now reads %s: continuing "
+                    "(checkpoint.allow_data_change=true)", where, saved, fingerprint)
+    else:
+        raise ConfigError(f"checkpoint {where} was trained on another corpus (fingerprint {saved}, now "
+                          f"{fingerprint}); resume on the same data, pass a new run_dir, or set "
+                          "checkpoint.allow_data_change=true to continue on this one")
 
 
 def _one_line(e: Optional[BaseException]) -> str:
+    """The exception's type and first line. Orbax wraps TensorStore's read errors in an exception
+    whose text ends in a pybind11 repr of the array's spec; the reason is its cause, said instead."""
     if e is None:
         return "-"
+    for _ in range(4):
+        text = str(e).strip()
+        wrapped = not text or text.startswith("<") or "See full TensorStore details" in text
+        if not (wrapped and e.__cause__ is not None):
+            break
+        e = e.__cause__
     msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+    return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
 
 
 # What the operating system said, wherever it sits in a long storage error.
@@ -382,7 +451,7 @@ def _brief(e: BaseException, keep: int = 160) -> str:
 
 
 def _warn_damaged(step: int, mngr: ocp.CheckpointManager, e: BaseException) -> None:
-    log.warning("checkpoint step %d in '%s' is unreadable (%s); falling back to an older step",
+    log.warning("checkpoint step %d in '%s' is damaged (%s); falling back to an older step",
                 step, mngr.directory, _one_line(e))
 
 

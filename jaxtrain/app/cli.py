@@ -14,14 +14,16 @@ Usage::
 
 Exit status: 0 when training finished; 2 for a user mistake (bad config key or
 value, unusable data, a batch that does not split across the devices, an
-incompatible checkpoint), printed as one ``error: ...`` line on stderr with
-nothing written to the run directory; 75 after SIGTERM or Ctrl-C (the current
+incompatible checkpoint, a run directory another live run holds, a config that
+needs more memory than there is, a resume on another corpus), printed as one
+``error: ...`` line on stderr with nothing written to the run directory; 75 after SIGTERM or Ctrl-C (the current
 step finished and a checkpoint was saved: run the same command again to resume;
 a second Ctrl-C exits at once with 130, as does a Ctrl-C before the loop
 starts, e.g. while compiling); 143 after SIGTERM outside the training loop (while
-loading data or compiling: nothing new to save); 1 when ``train.max_nonfinite``
-consecutive steps were non-finite or no checkpoint in the run directory is
-readable.
+loading data or compiling: nothing new to save), or during the final save (which
+commits first); 1 when ``train.max_nonfinite``
+consecutive steps were non-finite, no checkpoint in the run directory is
+readable, or a checkpoint write failed.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from jaxtrain.app.preempt import INTERRUPTED_EXIT_CODE, Preempted, RunStopped  # standard library only
+from jaxtrain.app.preempt import (INTERRUPTED_EXIT_CODE, TERMINATED_EXIT_CODE, Preempted, RunStopped,  # stdlib only
+                                  Terminated)
 
 if TYPE_CHECKING:
     from jaxtrain.app.config import Config
@@ -49,7 +52,6 @@ if TYPE_CHECKING:
 # The config the bare command trains, shipped inside the package.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 EXIT_USER_ERROR = 2
-TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143, as the signal's default action reports it
 
 _USAGE = """\
 usage: jaxtrain run [--config NAME|FILE.yaml] [key.sub=value ...]
@@ -165,7 +167,12 @@ commands:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``jaxtrain`` command (``run`` / ``generate``); returns the exit status."""
+    """Entry point of the ``jaxtrain`` command (``run`` / ``generate``); returns the exit status.
+
+    Called without ``argv`` (as the process's entry point), a failed run ends the
+    process at once after its error line (:func:`_leave_promptly`).
+    """
+    entry = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "generate":
         from jaxtrain.app import generate
@@ -176,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return pretrained.main(argv[1:])
     if argv and argv[0] == "run":
-        return run(argv[1:])
+        return _leave_promptly(run(argv[1:])) if entry else run(argv[1:])
     if argv and argv[0] in ("-h", "--help", "help"):
         print(_COMMANDS)
         return 0
@@ -184,12 +191,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: unknown command '{argv[0]}'; the commands are run, generate and export (jaxtrain --help)",
               file=sys.stderr)
         return EXIT_USER_ERROR
-    return run(argv)
+    return _leave_promptly(run(argv)) if entry else run(argv)
+
+
+def _leave_promptly(code: int) -> int:
+    """After a failed run, end the process now, without the interpreter's shutdown.
+
+    A failed checkpoint write leaves Orbax's writer threads waiting (up to 300 s) for
+    a signal from the thread that failed, and the interpreter would wait for them
+    before exiting; a failed read leaves TensorStore callbacks that print "Event
+    loop is closed" tracebacks while it shuts down. The error line is out and every
+    file is closed by then (the run's ``finally`` blocks ran), so ``os._exit``
+    loses nothing. Only for the process's entry point: in-process callers (tests,
+    notebooks) get the status back.
+    """
+    if code != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
-    """``jaxtrain run`` (and ``python -m jaxtrain.run``): train; returns the exit status."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """``jaxtrain run`` (and ``python -m jaxtrain.run``): train; returns the exit status.
+
+    Without ``argv`` (the process's entry point), a failed run ends the process
+    at once after its error line (:func:`_leave_promptly`).
+    """
+    if argv is None:
+        return _leave_promptly(run(sys.argv[1:]))
+    argv = list(argv)
     if "-h" in argv or "--help" in argv:
         print(usage())
         return 0
@@ -269,7 +300,7 @@ def _run_quietly(argv: Sequence[str]) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except Preempted as e:  # SIGTERM / Ctrl-C in the loop: a checkpoint was saved; rerunning resumes
+    except (Preempted, Terminated) as e:  # SIGTERM / Ctrl-C in the loop: a checkpoint was saved first
         print(str(e), file=sys.stderr)
         return e.exit_code
     except RunStopped as e:  # non-finite steps, unreadable checkpoints

@@ -122,6 +122,7 @@ class TrainConfig:
     sample_top_p: float = 1.0  # nucleus sampling: draw from the smallest set of likeliest tokens holding this much probability; 1 = off
     max_nonfinite: int = 5  # consecutive non-finite steps (skipped) before stopping
     diagnostics: bool = False  # per-layer gradient norms, update ratios, attention stats
+    memory_check: bool = True  # refuse a run whose compiled step needs more memory than the device has (on CPU: the machine's available memory)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class CheckpointConfig:
     keep_every: Optional[int] = None  # also keep every step divisible by this
     async_save: bool = True  # save in the background while training continues
     resume: bool = True  # continue from the latest good checkpoint in run_dir
+    allow_data_change: bool = False  # resume even when the corpus differs from the checkpoint's
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxtrain import diagnostics, parallel
-from jaxtrain.app import checkpoint, data, plot, profiler, tasks
+from jaxtrain.app import checkpoint, data, memory, plot, profiler, runlock, tasks
 from jaxtrain.app import config as config_lib
 from jaxtrain.app import preempt as signals
 from jaxtrain.app import writers as metrics
@@ -187,6 +187,29 @@ def _compile_steps(run_cfg: Config, task: Task, mesh: Mesh, abstract_state: Trai
     return train, evaluate
 
 
+def _check_memory(cfg: Config, task: Task, mesh: Mesh, abstract_state: TrainState, shardings: PyTree,
+                  first_batch: PyTree, train, evaluate) -> None:
+    """``ConfigError`` when the compiled steps need more memory than there is (:mod:`.memory`). With the
+    CPU kernels on, also the forward pass of a microbatch compiled with plain XLA ops, whose plan counts
+    what the kernels keep out of sight (attention's T x T scores)."""
+    memory.check_fits(train, evaluate)
+    try:
+        import jaxtrain.cpu as cpu_backend
+    except ImportError:
+        return
+    if not cpu_backend.is_enabled():
+        return
+    cpu_backend.disable()
+    try:
+        forward = parallel.jit_eval_step(lambda s, b: eval_step(s, b, loss_fn=task.loss_fn)["loss"], mesh, shardings)
+        rows = cfg.train.batch_size // cfg.train.grad_accum
+        forward = forward.lower(abstract_state, _abstract(first_batch, mesh, rows)).compile()
+    finally:
+        cpu_backend.enable()
+    memory.check_fits(forward, what="the forward pass of one microbatch with plain XLA ops (the CPU kernels "
+                      "would hide this memory, trading it for a step that may never finish)")
+
+
 def _eval_parts(cfg: Config, task: Task) -> list[PyTree]:
     """The fixed validation set as host batches: the task's ``eval_batches`` of ``batch_size`` rows,
     each evaluated in ``grad_accum`` equal parts (the microbatch size, which fits wherever training
@@ -198,20 +221,25 @@ def _eval_parts(cfg: Config, task: Task) -> list[PyTree]:
     return parts
 
 
-def setup(cfg: Config) -> Run:
-    """Validate the corpus, devices and batch split; build shardings; compile the steps.
+def setup(cfg: Config, lock: Optional[runlock.RunLock] = None) -> Run:
+    """Validate the corpus, devices and batch split; build shardings; compile the steps; check that
+    the compiled step fits in memory (``train.memory_check``).
 
     Writes nothing. Raises :class:`~jaxtrain.config.ConfigError` or
     :class:`~jaxtrain.data.DataError` (one line naming the problem) for user mistakes.
     In a multi-process run every process raises when any one fails (a data path
     missing on one host, say): the others with a :class:`ConfigError` quoting the
     failed process's error, instead of waiting for it in a collective.
+    ``lock``: taken on process 0 first thing if ``run_dir`` already has a lock
+    file (:class:`~jaxtrain.app.runlock.RunDirBusy` when another run holds it).
     """
-    return parallel.together(_setup, cfg, user_errors=(ConfigError, data.DataError))
+    return parallel.together(_setup, cfg, lock, user_errors=(ConfigError, data.DataError))
 
 
-def _setup(cfg: Config) -> Run:
+def _setup(cfg: Config, lock: Optional[runlock.RunLock] = None) -> Run:
     _check_run_dir(cfg.run_dir)
+    if lock is not None and parallel.is_main_process():
+        lock.acquire(create=False)  # a live run on this run_dir: refused before compiling anything
     checkpoint.check_resume(cfg)  # an incompatible run_dir fails before any compilation
     backend = configure_backend(cfg)
     task = tasks.load(cfg)
@@ -225,6 +253,8 @@ def _setup(cfg: Config) -> Run:
     eval_parts = _eval_parts(cfg, task)
     train, evaluate = _compile_steps(cfg, task, mesh, abstract, shardings, first,
                                      eval_parts[0] if eval_parts else None)
+    if cfg.train.memory_check:
+        _check_memory(cfg, task, mesh, abstract, shardings, first, train, evaluate)
     tokens_per_example = max(int(task.tokens_per_example), 1)
     flops = None if task.flops_per_example is None else task.flops_per_example / tokens_per_example
     return Run(
@@ -232,12 +262,18 @@ def _setup(cfg: Config) -> Run:
         eval_step=evaluate, eval_batches=tuple(parallel.place_batch(b, mesh) for b in eval_parts),
         tokens_per_step=cfg.train.batch_size * tokens_per_example, flops_per_token=flops,
         peak_flops=metrics.peak_flops(jax.devices(), cfg.log.peak_flops),
-        is_main=parallel.is_main_process(), backend=backend, step_memory=metrics.step_memory(train))
+        is_main=parallel.is_main_process(), backend=backend, step_memory=_memory_text(train))
+
+
+def _memory_text(train) -> str:
+    """The header's memory figure: the compiled step's plan and what the device has."""
+    text = metrics.step_memory(train)
+    return text + memory.available_text() if text else ""
 
 
 def _initial_state(run: Run, mngr) -> tuple[TrainState, int, Optional[str]]:
     """``(state, first step, resume message)``: the newest good checkpoint, or a fresh state."""
-    restored = checkpoint.restore_latest(mngr, run.abstract_state, run.cfg)
+    restored = checkpoint.restore_latest(mngr, run.abstract_state, run.cfg, run.task.data_fingerprint)
     if restored is not None:
         state, meta = restored
         start = int(meta["data_step"])
@@ -262,20 +298,26 @@ def train(cfg: Config) -> Summary:
     run calls this with the same config.
     """
     t0 = time.perf_counter()
-    run = setup(cfg)
-    mngr = checkpoint.manager(cfg.run_dir, cfg.checkpoint)
+    lock = runlock.RunLock(cfg.run_dir)  # one writer per run_dir; released on every way out
     try:
-        state, start, resumed = _initial_state(run, mngr)
-        if run.task.warm_up is not None:  # compile the sampler now, not inside the loop
-            run.task.warm_up(state)
-        if run.is_main and start < cfg.train.steps:  # a finished run's files stay as they are
-            run_path(cfg).mkdir(parents=True, exist_ok=True)
-            (run_path(cfg) / CONFIG_FILE).write_text(to_yaml(cfg))
-            if run.task.save is not None:  # the task's own files, e.g. the language model's tokenizer
-                run.task.save(run_path(cfg))
-        return _loop(run, mngr, state, start, resumed, t0)
+        run = setup(cfg, lock)
+        # Before anything is written; process 0 holds it, the others learn its answer.
+        parallel.together(lambda: run.is_main and lock.acquire(), user_errors=(ConfigError,))
+        mngr = checkpoint.manager(cfg.run_dir, cfg.checkpoint)
+        try:
+            state, start, resumed = _initial_state(run, mngr)
+            if run.task.warm_up is not None:  # compile the sampler now, not inside the loop
+                run.task.warm_up(state)
+            if run.is_main and start < cfg.train.steps:  # a finished run's files stay as they are
+                run_path(cfg).mkdir(parents=True, exist_ok=True)
+                (run_path(cfg) / CONFIG_FILE).write_text(to_yaml(cfg))
+                if run.task.save is not None:  # the task's own files, e.g. the language model's tokenizer
+                    run.task.save(run_path(cfg))
+            return _loop(run, mngr, state, start, resumed, t0)
+        finally:
+            mngr.close()  # waits for an asynchronous save to commit
     finally:
-        mngr.close()  # waits for an asynchronous save to commit
+        lock.release()
 
 
 def _due(done: int, every: int, total: int) -> bool:
@@ -301,7 +343,6 @@ def _loop(run: Run, mngr, state: TrainState, start: int, resumed: Optional[str],
         if start < tc.steps:
             log.config(config_lib.to_dict(cfg), to_yaml(cfg))
         state, val_loss, sample, train_s, t_loop = _train(run, mngr, log, state, start, resumed, t0)
-        mngr.wait_until_finished()
         return _finish(run, log, state, start, val_loss, sample, train_s, time.perf_counter() - t_loop, t0)
 
 
@@ -353,7 +394,8 @@ def _train(run: Run, mngr, log: metrics.MetricsLog, state: TrainState, start: in
             # -- at-checkpoint
             # (not inside a streak of skipped steps: resuming there would replay it)
             if events["checkpoint"] and (preempt or watch.consecutive == 0):
-                checkpoint.save(mngr, state, config=cfg, data_step=done, force=True)
+                checkpoint.save(mngr, state, config=cfg, data_step=done, force=True,
+                                data_fingerprint=run.task.data_fingerprint)
             log.write(row)
             if preempt:
                 mngr.wait_until_finished()
@@ -366,6 +408,11 @@ def _train(run: Run, mngr, log: metrics.MetricsLog, state: TrainState, start: in
             val_loss, sample = evaluate(run, state), _sample(run, state, int(state.step), record=False)
         if run.task.sample is not None:
             log.echo(f"sample at step {int(state.step)}:\n{sample}")
+        mngr.wait_until_finished()  # the final checkpoint commits while a SIGTERM only sets the flag
+    if stop.requested and start < tc.steps:
+        raise signals.Terminated(f"{stop.requested} received at the end of training: the final checkpoint "
+                                 f"(step {int(state.step)}) was completed in '{mngr.directory}' first; "
+                                 "nothing is lost")
     return state, val_loss, sample, clock.total, t_loop
 
 

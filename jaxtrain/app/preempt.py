@@ -31,6 +31,7 @@ PyTree = Any
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped cleanly after a checkpoint; run the command again to resume
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: a second Ctrl-C, stopped at once
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143: SIGTERM outside the steps; nothing new to save
 
 
 class RunStopped(Exception):
@@ -43,6 +44,13 @@ class Preempted(RunStopped):
     """Training stopped on SIGTERM / SIGINT after saving a checkpoint (exit code 75)."""
 
     exit_code = PREEMPTED_EXIT_CODE
+
+
+class Terminated(RunStopped):
+    """SIGTERM / SIGINT arrived while the final checkpoint was being written: it was completed first,
+    then the run stops (exit code 143, as for a SIGTERM after training ends: nothing is lost)."""
+
+    exit_code = TERMINATED_EXIT_CODE
 
 
 class NonFiniteError(RunStopped, ArithmeticError):

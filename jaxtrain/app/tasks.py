@@ -75,8 +75,9 @@ class Task:
         pretrained weights; ``abstract_params`` is the params tree of ``jax.ShapeDtypeStruct``.
       val_bytes_per_token: mean text bytes per target token of the validation set; with it the run
         reports ``val_bpb = val_loss / val_bytes_per_token / ln 2`` (bits per byte). None: no val_bpb.
-      data_fingerprint: names the exact training and validation data (token counts, a hash of the
-        tokens, the tokenizer); results are comparable only for equal fingerprints. None: unknown.
+      data_fingerprint: identifies the training data (e.g. its size and a hash of the token
+        stream); saved with each checkpoint, and a resume on data with another fingerprint is
+        refused (``checkpoint.allow_data_change``). None: not checked.
       save: ``save(run_dir)`` writes the task's own files into the run directory before the first
         step (the language model: its tokenizer, which ``jaxtrain generate`` reads back).
     """

@@ -230,7 +230,7 @@ def test_damaged_newest_step_falls_back_with_a_warning(cfg, caplog, how):
         restored, meta = checkpoint.restore_latest(mngr, abstract(cfg), cfg)
     assert int(restored.step) == 7 and meta["data_step"] == 7
     assert_same(older, restored)
-    assert f"checkpoint step 9 in '{root}' is unreadable" in caplog.text
+    assert f"checkpoint step 9 in '{root}' is damaged" in caplog.text
     # Kept, not deleted: moved aside so the resumed run can write step 9 again.
     (moved,) = (Path(cfg.run_dir) / checkpoint.DAMAGED_DIR).iterdir()
     assert moved.name.startswith("9-") and (moved / "state").is_dir()

@@ -139,7 +139,7 @@ def test_killed_and_restarted_run_is_bit_identical(env, reference, tmp_path):
         f.truncate(8)
     final = run(env, run_dir)
     assert final.returncode == 0, f"{final.stderr[-3000:]} {ctx}"
-    assert f"checkpoint step {stopped_at} in" in final.stderr and "unreadable" in final.stderr, final.stderr[-3000:]
+    assert f"checkpoint step {stopped_at} in" in final.stderr and "is damaged" in final.stderr, final.stderr[-3000:]
     assert not (run_dir / "checkpoints" / str(stopped_at)).exists() or stopped_at % 3 == 0  # moved aside, or saved anew
     assert any((run_dir / "checkpoints-damaged").iterdir()), "the damaged step must be kept, not deleted"
 
