@@ -84,6 +84,11 @@ class Tokenizer:
         """Write the tokenizer to ``path`` (a Hugging Face tokenizer.json, or the bytes marker)."""
         raise NotImplementedError
 
+    @staticmethod
+    def load(spec: str) -> "Tokenizer":
+        """The tokenizer ``spec`` names (``bytes``, or a path :meth:`save` wrote): see :func:`load`."""
+        return load(spec)
+
 
 class ByteTokenizer(Tokenizer):
     """Token ids are the UTF-8 bytes of the text."""
