@@ -273,5 +273,5 @@ def test_cli_run_on_one_device_trains_with_mkl(tmp_path):
     header = next(line for line in r.stdout.splitlines() if line.startswith("run_dir "))
     assert "on 1 cpu devices | matmuls MKL | step memory" in header, header
     done = next(line for line in r.stdout.splitlines() if line.startswith("done: 40 steps"))
-    val, baseline = (float(done.split(key)[1].split()[0].rstrip(")")) for key in ("final val loss ", "baseline "))
+    val, baseline = (float(done.split(key)[1].split()[0].rstrip("),")) for key in ("final val loss ", "baseline "))
     assert val < baseline - 0.3, done

@@ -231,7 +231,7 @@ def test_a_setup_error_in_one_process_ends_every_process_at_once(tmp_path):
         assert time.monotonic() - t0 < 100, "the processes waited for each other"  # JAX's own timeouts are 2-5 min
         errors = [[line for line in launch.output(i).splitlines() if line.startswith("error:")] for i in (0, 1)]
         assert errors[bad] == [f"error: data.source='{missing}': path does not exist; expected 'stdlib', a text file, "
-                               "a folder, a .bin token file or a 1-D integer .npy"], launch._tails()
+                               "a folder, .jsonl/.parquet records, a .bin token file or a 1-D integer .npy"], launch._tails()
         assert errors[1 - bad] == [f"error: process {bad} stopped during setup: {errors[bad][0][len('error: '):]}"]
         assert "Traceback" not in launch.output(0) + launch.output(1)
         assert not (tmp_path / f"run{bad}").exists()

@@ -246,7 +246,7 @@ def test_the_language_model_task_counts_the_gpts_flops_from_shapes():
     from jaxtrain.models import GPT
 
     cfg = config_lib.load("tiny", ["model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=16"])
-    model = GPT(cfg.model, rngs=nnx.Rngs(0))
+    model = GPT(config_lib.model_config(cfg.model), rngs=nnx.Rngs(0))
     assert lm.flops_per_token(cfg) == model.flops_per_token()  # from an abstract model, as the loop counts
     assert model.flops_per_token() == 6 * model.num_params() + 12 * 2 * 16 * 32
 
