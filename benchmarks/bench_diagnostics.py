@@ -22,8 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtrain import diagnostics, make_optimizer, train_step
-from jaxtrain.app import config
-from jaxtrain.models import GPT
+from jaxtrain.app import config, lm
 from jaxtrain.state import TrainState
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +51,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = config.load(args.config, args.overrides)
     mc, B = cfg.model, cfg.train.batch_size
-    state = TrainState.create(GPT(mc, rngs=nnx.Rngs(0)), make_optimizer(cfg.optim, cfg.train.steps), rng=0)
+    state = TrainState.create(lm.build_model(cfg, nnx.Rngs(0)), make_optimizer(cfg.optim, cfg.train.steps), rng=0)
     x = np.random.default_rng(0).integers(0, mc.vocab_size, (B, mc.block_size + 1), dtype=np.int32)
     batch = {"inputs": x[:, :-1], "targets": x[:, 1:]}
 
