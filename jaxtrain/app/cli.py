@@ -119,7 +119,7 @@ def load_config(argv: Sequence[str]) -> Config:
                           "config keys are given as key=value")
     if args.config is not None and not args.config.strip():
         raise ConfigError("--config got an empty value; give a config name or a YAML file, e.g. --config tiny")
-    path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    path = args.config if args.config is not None else DEFAULT_CONFIG  # package data: always installed
     return config_lib.load(path, args.overrides + unknown)
 
 
