@@ -154,7 +154,8 @@ def test_a_token_id_corpus_with_a_tokenizer_json_samples_text(bpe, tmp_path):
     cfg = config.load("tiny", [f"data.source={tmp_path / 'ids.npy'}", f"data.tokenizer={path}",
                                "model.vocab_size=300", "train.sample_tokens=8"])
     task = lm.language_model(cfg)
-    assert 1.0 < task.val_bytes_per_token < 10.0
+    targets = np.concatenate([b["targets"].ravel() for b in task.local_eval_batches(cfg.train.batch_size, 0)])
+    assert task.val_bytes_per_token == bpe.token_bytes[targets].sum() / targets.size  # the evaluated bytes, exactly
     from jaxtrain.app import tasks
 
     state = tasks.state_factory(task, cfg)()
