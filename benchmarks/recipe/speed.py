@@ -25,17 +25,21 @@ BYTES_PER_TOKEN = {256: 1.0, 1024: 2.594, 2048: 3.049, 4096: 3.444, 8192: 3.755}
 
 
 def parse(spec: str) -> tuple[dict, int, float]:
-    from jaxtrain.models import GPTConfig
+    from jaxtrain.models import GPTConfig, LlamaConfig
 
     kw = {}
-    types = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
+    config_cls = LlamaConfig if "arch=llama" in spec.split(",") else GPTConfig
+    types = {f.name: f.type for f in dataclasses.fields(config_cls)}
     for item in filter(None, spec.split(",")):
         k, v = item.split("=")
         kw[k] = v
+    kw.pop("arch", None)
     batch = int(kw.pop("batch", 16))
     bpt = float(kw.pop("bytes_per_token", 0) or 0)
-    conv = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true")}
+    conv = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true"),
+            "Optional[int]": int}
     cfg = {k: conv[types[k]](v) for k, v in kw.items()}
+    cfg["__cls__"] = config_cls
     return cfg, batch, bpt or BYTES_PER_TOKEN.get(int(cfg.get("vocab_size", 256)), 1.0)
 
 
@@ -46,11 +50,12 @@ def build(spec: str):
     from flax import nnx
 
     from jaxtrain import OptimConfig, TrainState, make_optimizer, train_step
-    from jaxtrain.models import GPT, GPTConfig
+    from jaxtrain.models import GPT, Llama, LlamaConfig
 
     kw, batch, bpt = parse(spec)
-    cfg = GPTConfig(**kw)
-    model = GPT(cfg, rngs=nnx.Rngs(0))
+    config_cls = kw.pop("__cls__")
+    cfg = config_cls(**kw)
+    model = (Llama if config_cls is LlamaConfig else GPT)(cfg, rngs=nnx.Rngs(0))
     params = model.num_params(non_embedding=False)
     state = TrainState.create(model, make_optimizer(OptimConfig(lr=1e-3), total_steps=1000), rng=0)
     x = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.block_size + 1))
@@ -71,6 +76,9 @@ def build(spec: str):
 
 
 def main() -> None:
+    from jaxtrain.cpu import process
+
+    process.configure()  # as the command line does, before JAX starts its threads
     import jaxtrain.cpu
 
     p = argparse.ArgumentParser()
@@ -79,7 +87,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     print("CPU backend:", jaxtrain.cpu.enable(), jaxtrain.cpu.describe())
-    sides = {s: build(s) for s in args.specs}
+    sides = {}
+    for s in args.specs:
+        if "proto=bf16" in s:
+            import sys; sys.path.insert(0, "/tmp"); import bf16ops; bf16ops.install()
+        sides[s] = build(s.replace(",proto=bf16", ""))
     for run, _, _ in sides.values():
         run(2)  # warm up
     rates = {s: [] for s in sides}

@@ -123,6 +123,7 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite steps (skipped) before stopping
     diagnostics: bool = False  # per-layer gradient norms, update ratios, attention stats
     memory_check: bool = True  # refuse a run whose compiled step needs more memory than the device has (on CPU: the machine's available memory)
+    matmul_precision: str = "default"  # the training step's float32 matmuls (jax.default_matmul_precision): default (the platform's: float32 on CPU) | float32 | bfloat16 (one bfloat16 pass, float32 accumulation; on CPU through oneDNN where it can run); evaluation keeps the default
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,7 @@ class Config:
 _CHOICES = {
     "model.arch": ARCHS,
     "model.dtype": ("float32", "bfloat16"),
+    "train.matmul_precision": ("default", "float32", "bfloat16"),
     "model.attention": ("xla", "cudnn"),
     "backend": ("auto", "cpu", "xla"),
     "log.wandb_mode": ("online", "offline", "disabled"),

@@ -161,7 +161,7 @@ def configure_backend(cfg: Config) -> str:
         if (why := blas.why_not(jnp.zeros((), cfg.model.dtype), devices=True)) is not None:
             raise ConfigError(f"backend='cpu' cannot run here: {why}; use backend=auto (the CPU kernels where they "
                               "can run, else XLA) or backend=xla")
-    return cpu_backend.describe(cfg.model.dtype)
+    return cpu_backend.describe(cfg.model.dtype, precision=cfg.train.matmul_precision)
 
 
 def _abstract(batch: PyTree, mesh: Mesh, rows: int) -> PyTree:
@@ -178,7 +178,10 @@ def _compile_steps(run_cfg: Config, task: Task, mesh: Mesh, abstract_state: Trai
     step_fn = functools.partial(train_step, loss_fn=task.loss_fn, grad_accum=tc.grad_accum,
                                 diagnostics=tc.diagnostics, max_grad_norm=run_cfg.optim.max_grad_norm)
     train = parallel.jit_train_step(step_fn, mesh, shardings)
-    train = train.lower(abstract_state, _abstract(first_batch, mesh, tc.batch_size)).compile()
+    # traced under the precision: the compiled step keeps it (the evaluation below keeps the default)
+    precision = None if tc.matmul_precision == "default" else tc.matmul_precision
+    with jax.default_matmul_precision(precision):
+        train = train.lower(abstract_state, _abstract(first_batch, mesh, tc.batch_size)).compile()
     if eval_batch is None:
         return train, None
     evaluate = parallel.jit_eval_step(lambda s, b: eval_step(s, b, loss_fn=task.loss_fn)["loss"], mesh, shardings)

@@ -94,11 +94,16 @@ def is_enabled() -> bool:
     return _enabled
 
 
-def describe(dtype: str = "float32") -> str:
-    """What runs a ``dtype`` model's matmuls in this process, for a run's header: ``MKL`` or ``XLA (why)``."""
-    from jaxtrain.cpu import blas
+def describe(dtype: str = "float32", precision: str = "float32") -> str:
+    """What runs a ``dtype`` model's matmuls in this process at ``precision`` (``float32`` | ``bfloat16``, as
+    ``jax.default_matmul_precision``), for a run's header: ``MKL``, ``oneDNN bfloat16`` or ``XLA (why)``."""
+    from jaxtrain.cpu import blas, onednn
 
     if not _enabled:
         ok, why = blas.status()
         return "XLA (the CPU backend is not enabled)" if ok else f"XLA ({why})"
-    return blas.describe(dtype)
+    words = blas.describe(dtype)
+    if precision in onednn.PRECISIONS and dtype == "float32" and not words.startswith("XLA"):
+        ok, why = onednn.status()
+        return "oneDNN bfloat16 (float32 accumulation)" if ok else f"{words} float32 (not bfloat16: {why})"
+    return words

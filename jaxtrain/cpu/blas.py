@@ -41,23 +41,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib.metadata
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-from jaxlib import version as _jaxlib_version
+
+from jaxtrain.cpu import build
 
 __all__ = ["matmul", "status", "enabled", "why_not", "resolve", "describe", "BLAS_ENV"]
 
 BLAS_ENV = "JAXTRAIN_BLAS"
-EXT_CACHE_ENV = "JAXTRAIN_EXT_CACHE"
+EXT_CACHE_ENV = build.EXT_CACHE_ENV
 _TARGET = "jaxtrain_blas_gemm"
 # FFI target -> handler symbol in _cpu_kernels.cc (the fused kernels are used by jaxtrain.cpu.kernels)
 _HANDLERS = {
@@ -71,9 +68,6 @@ _HANDLERS = {
     "jaxtrain_adamw": "JaxtrainAdamW",
 }
 _SOURCE = Path(__file__).with_name("_cpu_kernels.cc")
-# -fno-math-errno: without it every vectorised sqrt also checks for a negative
-# argument to set errno, which made the AdamW kernel 3x slower.
-_CXXFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
 class _Unavailable(RuntimeError):
@@ -94,48 +88,12 @@ def _find_mkl() -> Path:
     raise _Unavailable("the mkl package is installed but has no libmkl_rt.so")
 
 
-def _build_dir() -> Path:
-    return Path(os.environ.get(EXT_CACHE_ENV, "~/.cache/jaxtrain/ext")).expanduser()
-
-
-def _cpu_id() -> str:
-    """The CPU's model and feature flags (Linux), or the platform's machine name elsewhere."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        import platform
-        return platform.machine() + platform.processor()
-    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-
-
 def _compile_handler() -> Path:
     """The FFI handler as a shared library, compiled once per source and jaxlib version."""
-    include = jax.ffi.include_dir()
-    source = _SOURCE.read_bytes()
-    # -march=native: the build is for this CPU, so the CPU is part of the key.
-    key = hashlib.sha256(source + _jaxlib_version.__version__.encode() + include.encode()
-                         + " ".join(_CXXFLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    out = _build_dir() / f"cpu_kernels-{key}.so"
-    if out.exists():
-        return out
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        raise _Unavailable("no C++ compiler found (set CXX or install g++) to build the BLAS handler")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # Build into a temporary name and rename: concurrent processes never load a half-written file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-    except OSError as e:
-        raise _Unavailable(f"cannot write the BLAS handler to {out.parent} ({e}); set {EXT_CACHE_ENV} "
-                           "to a writable directory") from None
-    cmd = [compiler, *_CXXFLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise _Unavailable(f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
-    os.replace(tmp, out)
-    return out
+        return build.compile_library(_SOURCE, "cpu_kernels", what="the BLAS handler")
+    except build.BuildError as e:
+        raise _Unavailable(str(e)) from None
 
 
 def _load_blas() -> tuple[ctypes.CDLL, str]:

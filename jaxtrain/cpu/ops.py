@@ -7,6 +7,9 @@ call does not make XLA gather sharded operands onto every device) and returns
 - ``dense``: MKL's sgemm on the 2-D product; bias + exact GELU as one fused kernel
   (the tanh-approximate GELU is handed back).
 - ``matmul``: MKL's sgemm (the tied head's ``x @ wte.T``).
+- Both, traced under ``jax.default_matmul_precision("bfloat16")``: oneDNN's
+  bfloat16 product with float32 accumulation (:mod:`jaxtrain.cpu.onednn`) where
+  it can run, else the float32 product above.
 - ``layer_norm``: one fused kernel each way (float32 statistics, as the plain op).
 - ``causal_attention``: the fused attention kernel without dropout; with
   dropout, the written-out attention whose two products are batched sgemm calls.
@@ -21,7 +24,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.cpu import blas, kernels
+from jaxtrain.cpu import blas, kernels, onednn
 
 
 # True: the kernels run also in a process with several devices (each custom call then gathers its
@@ -42,11 +45,18 @@ def _takes(*arrays) -> bool:
     return blas.why_not(*(a for a in arrays if a is not None), devices=not _all_devices) is None
 
 
+def _product(a: jax.Array, b: jax.Array, *, transpose_b: bool = False) -> jax.Array:
+    """A 2-D float32 product: bfloat16 through oneDNN when the trace asks for that precision and it can run."""
+    if onednn.requested() and onednn.why_not(a, b) is None:
+        return onednn.matmul(a, b, transpose_b=transpose_b)
+    return blas.matmul(a, b, transpose_b=transpose_b, use_blas=True)
+
+
 def dense(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], *, gelu: bool, approximate: bool = False):
     if (gelu and approximate) or not _takes(x, kernel, bias):  # the fused kernel is the exact GELU only
         return NotImplemented
     x_MK = x.reshape(-1, x.shape[-1])
-    y_MN = blas.matmul(x_MK, kernel, use_blas=True)
+    y_MN = _product(x_MK, kernel)
     if gelu:
         y_MN = kernels.bias_gelu(y_MN, bias, use_fused=True)
     elif bias is not None:
@@ -57,6 +67,8 @@ def dense(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], *, gelu: b
 def matmul(a: jax.Array, b: jax.Array, *, transpose_b: bool):
     if not _takes(a, b):
         return NotImplemented
+    if a.ndim == 2:
+        return _product(a, b, transpose_b=transpose_b)
     return blas.matmul(a, b, transpose_b=transpose_b, use_blas=True)
 
 
