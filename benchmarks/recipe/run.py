@@ -2,6 +2,8 @@
 
     PYTHONPATH=$PWD python benchmarks/recipe/run.py NAME [--vocab 4096] [key=value ...]
 
+``--library`` runs the command as it is (the config's own ``data.tokenizer``, e.g. the
+default's ``bpe:4096``) and records the exact ``val_bpb`` of its summary line. Otherwise
 ``--vocab N`` (N > 256) trains on the BPE prototype's token files (``bpe.py`` builds
 them under ``--data``, if missing) with ``model.vocab_size=N``; 256 is the byte-level
 built-in corpus. The other arguments are ``jaxtrain run`` overrides. The record holds the
@@ -43,12 +45,15 @@ def main() -> None:
     p.add_argument("--data", default="/tmp/recipe/data")
     p.add_argument("--records", default=str(HERE / "records.jsonl"))
     p.add_argument("--note", default="")
+    p.add_argument("--library", action="store_true", help="the library's own tokenizer; exact val_bpb")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()
     run_dir = Path("/tmp/recipe/runs") / args.name
     shutil.rmtree(run_dir, ignore_errors=True)
     data_args, meta = [], None
-    if args.vocab != 256:
+    if args.library:
+        pass
+    elif args.vocab != 256:
         d = Path(args.data) / f"bpe{args.vocab}"
         if not (d / "meta.json").exists():
             bpe.build(args.vocab, Path(args.data))
@@ -68,9 +73,11 @@ def main() -> None:
         print(out[-3000:])
         raise SystemExit(f"run {args.name} failed (exit {proc.returncode})")
     val_loss = float(m.group(2))
+    exact = re.search(r"([0-9.]+) bits/byte", m.group(0)) if args.library else None
     rec = {"name": args.name, "vocab": args.vocab, "overrides": args.overrides, "note": args.note,
            "steps": int(m.group(1)), "val_loss": val_loss,
-           "val_bpb": round(bpe.bpb(val_loss, meta) if meta else val_loss / math.log(2), 4),
+           "val_bpb": (float(exact.group(1)) if exact else
+                       round(bpe.bpb(val_loss, meta) if meta else val_loss / math.log(2), 4)),
            "bpb_exact": meta is None, "ktok_s": float(m.group(3)),
            "kbytes_s": round(float(m.group(3)) * (meta["bytes_per_token_train"] if meta else 1.0), 1),
            "train_s": seconds(m.group(4), m.group(5)), "wall_s_summary": seconds(m.group(6), m.group(7)),
@@ -79,7 +86,8 @@ def main() -> None:
            "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
            "header": header, "time": time.strftime("%Y-%m-%d %H:%M"),
            "command": "PYTHONPATH=$PWD python benchmarks/recipe/run.py " + " ".join(
-               [args.name] + ([f"--vocab {args.vocab}"] if args.vocab != 4096 else []) + args.overrides)}
+               [args.name] + (["--library"] if args.library else []) +
+               ([f"--vocab {args.vocab}"] if args.vocab != 4096 and not args.library else []) + args.overrides)}
     with open(args.records, "a") as f:
         f.write(json.dumps(rec) + "\n")
     print(json.dumps({k: rec[k] for k in ("name", "steps", "val_loss", "val_bpb", "ktok_s", "kbytes_s", "train_s",

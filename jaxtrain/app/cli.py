@@ -138,6 +138,10 @@ def prepare_backend(cfg: Config) -> None:
             pass
         else:
             process.configure()  # glibc malloc keeps XLA:CPU's scratch memory (JAXTRAIN_MALLOC=off)
+            import jaxtrain.cpu
+
+            # a first run's kernel builds (~13 s) overlap the corpus and tokenizer work before compilation
+            jaxtrain.cpu.prebuild(bfloat16=cfg.train.matmul_precision == "bfloat16")
     compile_cache.configure()  # persistent compilation cache (JAXTRAIN_COMPILATION_CACHE=off disables it)
 
 

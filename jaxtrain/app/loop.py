@@ -244,8 +244,8 @@ def _setup(cfg: Config, lock: Optional[runlock.RunLock] = None) -> Run:
     if lock is not None and parallel.is_main_process():
         lock.acquire(create=False)  # a live run on this run_dir: refused before compiling anything
     checkpoint.check_resume(cfg)  # an incompatible run_dir fails before any compilation
+    task = tasks.load(cfg)  # before the backend: its kernel builds (cli.prepare_backend) run meanwhile
     backend = configure_backend(cfg)
-    task = tasks.load(cfg)
     mesh = parallel.make_mesh(cfg.parallel)
     parallel.check_batch(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     make_state = tasks.state_factory(task, cfg)

@@ -90,6 +90,17 @@ def _clear_caches() -> None:
     jax.clear_caches()
 
 
+def prebuild(*, bfloat16: bool = False) -> None:
+    """Start compiling the kernels (and with ``bfloat16`` the oneDNN handler) in background processes, if
+    they are not built yet, so that a process with other work first (reading a corpus) does not wait for
+    the compiler later. :func:`enable` collects them. Call it before JAX starts its threads."""
+    from jaxtrain.cpu import blas, onednn
+
+    blas.prebuild()
+    if bfloat16:
+        onednn.prebuild()
+
+
 def is_enabled() -> bool:
     return _enabled
 

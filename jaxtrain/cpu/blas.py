@@ -88,6 +88,12 @@ def _find_mkl() -> Path:
     raise _Unavailable("the mkl package is installed but has no libmkl_rt.so")
 
 
+def prebuild() -> None:
+    """Start compiling the handler library in the background if it is not built yet (:func:`build.start`)."""
+    if os.environ.get(BLAS_ENV, "").strip().lower() not in ("off", "0", "false", "none", "xla"):
+        build.start(_SOURCE, "cpu_kernels", what="the BLAS handler")
+
+
 def _compile_handler() -> Path:
     """The FFI handler as a shared library, compiled once per source and jaxlib version."""
     try:

@@ -44,23 +44,23 @@ def _cpu_id() -> str:
     return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
 
 
-def compile_library(source: Path, name: str, *, what: str, extra_flags: Sequence[str] = ()) -> Path:
-    """``source`` compiled against jaxlib's FFI headers into ``name-<key>.so``; the cached file if it exists.
-
-    ``extra_flags`` (include and library paths, libraries) come after the source
-    on the command line and are part of the key; ``what`` names the library in
-    errors. Raises :class:`BuildError`.
-    """
+def _plan(source: Path, name: str, extra_flags: Sequence[str]) -> tuple[Path, list[str]]:
+    """The library's cached path and its compile command (without ``-o``)."""
     include = jax.ffi.include_dir()
     flags = [*CXXFLAGS, f"-I{include}"]
     # -march=native: the build is for this CPU, so the CPU is part of the key.
     key = hashlib.sha256(source.read_bytes() + _jaxlib_version.__version__.encode() + include.encode()
                          + " ".join([*flags, *extra_flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
-    out = build_dir() / f"{name}-{key}.so"
-    if out.exists():
-        return out
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
+    return build_dir() / f"{name}-{key}.so", [compiler or "", *flags, str(source), *extra_flags]
+
+
+# Builds started by start() and not yet collected: the library's path -> (compiler process, temporary file)
+_running: dict[Path, tuple[subprocess.Popen, str]] = {}
+
+
+def _launch(out: Path, cmd: list[str], what: str) -> None:
+    if not cmd[0]:
         raise BuildError(f"no C++ compiler found (set CXX or install g++) to build {what}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,10 +69,42 @@ def compile_library(source: Path, name: str, *, what: str, extra_flags: Sequence
     except OSError as e:
         raise BuildError(f"cannot write {what} to {out.parent} ({e}); set {EXT_CACHE_ENV} to a writable "
                          "directory") from None
-    cmd = [compiler, *flags, str(source), *extra_flags, "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen([*cmd, "-o", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _running[out] = (proc, tmp)
+
+
+def start(source: Path, name: str, *, what: str, extra_flags: Sequence[str] = ()) -> None:
+    """Begin compiling ``source`` in the background, if it is not built yet; :func:`compile_library` collects it.
+
+    For a process that has other work to do first (a command line reading its
+    corpus): the compiler runs meanwhile. Problems are left for
+    :func:`compile_library` to report.
+    """
+    out, cmd = _plan(source, name, extra_flags)
+    if out.exists() or out in _running:
+        return
+    try:
+        _launch(out, cmd, what)
+    except BuildError:
+        pass
+
+
+def compile_library(source: Path, name: str, *, what: str, extra_flags: Sequence[str] = ()) -> Path:
+    """``source`` compiled against jaxlib's FFI headers into ``name-<key>.so``; the cached file if it exists.
+
+    ``extra_flags`` (include and library paths, libraries) come after the source
+    on the command line and are part of the key; ``what`` names the library in
+    errors. Waits for a build :func:`start` began. Raises :class:`BuildError`.
+    """
+    out, cmd = _plan(source, name, extra_flags)
+    if out.exists() and out not in _running:
+        return out
+    if out not in _running:
+        _launch(out, cmd, what)
+    proc, tmp = _running.pop(out)
+    _, stderr = proc.communicate()
     if proc.returncode != 0:
         os.unlink(tmp)
-        raise BuildError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
-    os.replace(tmp, out)
+        raise BuildError(f"compiling {source.name} failed ({' '.join([*cmd, '-o', tmp])}):\n{stderr[-2000:]}")
+    os.replace(tmp, out)  # concurrent processes never load a half-written file
     return out

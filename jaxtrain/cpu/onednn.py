@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from jaxtrain.cpu import blas, build
 
-__all__ = ["matmul", "status", "requested", "ONEDNN_ENV", "PRECISIONS"]
+__all__ = ["matmul", "status", "requested", "prebuild", "ONEDNN_ENV", "PRECISIONS"]
 
 ONEDNN_ENV = "JAXTRAIN_ONEDNN"
 # jax.default_matmul_precision values that ask for one bfloat16 pass with float32 accumulation
@@ -68,20 +68,33 @@ def _cpu_has_bf16() -> bool:
     return any(f" {f}" in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
-def _setup() -> str:
+def _build_inputs() -> tuple[Path, tuple[str, ...]]:
+    """libdnnl and the handler's extra compile flags; raises _Unavailable where it cannot run."""
     if os.environ.get(ONEDNN_ENV, "").strip().lower() in ("off", "0", "false", "none"):
         raise _Unavailable(f"turned off by {ONEDNN_ENV}")
-    if jax.default_backend() != "cpu":
-        raise _Unavailable(f"the default backend is {jax.default_backend()}, not cpu")
     if not _cpu_has_bf16():
         raise _Unavailable("this CPU has neither AVX512-BF16 nor AMX, so bfloat16 products would be no faster")
     library = _package_file(_RUNTIME, "libdnnl.so.3")
-    header = _package_file(_HEADERS, "oneapi/dnnl/dnnl.hpp")
-    include = header.parent.parent.parent
+    include = _package_file(_HEADERS, "oneapi/dnnl/dnnl.hpp").parent.parent.parent
+    return library, (f"-I{include}", "-fopenmp", str(library), f"-Wl,-rpath,{library.parent}")
+
+
+def prebuild() -> None:
+    """Start compiling the handler in the background where it could run and is not built yet."""
+    try:
+        _, flags = _build_inputs()
+    except _Unavailable:
+        return
+    build.start(_SOURCE, "onednn_gemm", what="the oneDNN handler", extra_flags=flags)
+
+
+def _setup() -> str:
+    library, flags = _build_inputs()
+    if jax.default_backend() != "cpu":
+        raise _Unavailable(f"the default backend is {jax.default_backend()}, not cpu")
     try:
         ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
-        path = build.compile_library(_SOURCE, "onednn_gemm", what="the oneDNN handler", extra_flags=(
-            f"-I{include}", "-fopenmp", str(library), f"-Wl,-rpath,{library.parent}"))
+        path = build.compile_library(_SOURCE, "onednn_gemm", what="the oneDNN handler", extra_flags=flags)
         handler = ctypes.CDLL(str(path))
     except build.BuildError as e:
         raise _Unavailable(str(e)) from None
