@@ -8,7 +8,8 @@ donated), on a fixed random batch.
 
     PYTHONPATH=$PWD python benchmarks/recipe/speed.py "vocab=4096" "vocab=4096,n_embd=192,n_head=6" ...
 
-A candidate is ``key=value`` pairs: GPTConfig fields plus ``batch`` (default 16);
+A candidate is ``key=value`` pairs: GPTConfig fields (LlamaConfig's with ``arch=llama``) plus
+``batch`` (default 16), ``precision`` (``jax.default_matmul_precision``, e.g. ``bfloat16``);
 ``bytes_per_token`` converts tokens/s to bytes/s (default: the BPE prototype's
 ratio for the vocabulary: 1 for 256, 2.59/3.05/3.44/3.76 for 1k/2k/4k/8k).
 """
@@ -34,6 +35,7 @@ def parse(spec: str) -> tuple[dict, int, float]:
         k, v = item.split("=")
         kw[k] = v
     kw.pop("arch", None)
+    kw.pop("precision", None)
     batch = int(kw.pop("batch", 16))
     bpt = float(kw.pop("bytes_per_token", 0) or 0)
     conv = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true"),
@@ -60,7 +62,9 @@ def build(spec: str):
     state = TrainState.create(model, make_optimizer(OptimConfig(lr=1e-3), total_steps=1000), rng=0)
     x = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.block_size + 1))
     b = {"inputs": jnp.asarray(x[:, :-1], jnp.int32), "targets": jnp.asarray(x[:, 1:], jnp.int32)}
-    step = jax.jit(train_step, donate_argnums=0).lower(state, b).compile()
+    precision = dict(item.split("=") for item in spec.split(",") if item).get("precision")
+    with jax.default_matmul_precision(precision):
+        step = jax.jit(train_step, donate_argnums=0).lower(state, b).compile()
     holder = [state]
 
     def run(n: int) -> float:
@@ -87,11 +91,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     print("CPU backend:", jaxtrain.cpu.enable(), jaxtrain.cpu.describe())
-    sides = {}
-    for s in args.specs:
-        if "proto=bf16" in s:
-            import sys; sys.path.insert(0, "/tmp"); import bf16ops; bf16ops.install()
-        sides[s] = build(s.replace(",proto=bf16", ""))
+    sides = {s: build(s) for s in args.specs}
     for run, _, _ in sides.values():
         run(2)  # warm up
     rates = {s: [] for s in sides}
