@@ -85,13 +85,25 @@ class Attention(nnx.Module):
         B, T, _ = x_BTC.shape
         N, K, H = self.n_head, self.n_kv_head, self.head_dim
         cos_TH, sin_TH = rope_tables(jnp.arange(T), H, self.theta, x_BTC.dtype)
-        cos_T1H, sin_T1H = cos_TH[:, None], sin_TH[:, None]
-        q_BTNH = ops.rotary(_apply(self.q_proj, x_BTC).reshape(B, T, N, H), cos_T1H, sin_T1H)
-        k_BTKH = ops.rotary(_apply(self.k_proj, x_BTC).reshape(B, T, K, H), cos_T1H, sin_T1H)
-        v_BTKH = _apply(self.v_proj, x_BTC).reshape(B, T, K, H)
-        # each key/value head serves R = N // K consecutive query heads (HF's repeat_kv)
-        qkv_BT3NH = jnp.stack([q_BTNH, jnp.repeat(k_BTKH, N // K, axis=2), jnp.repeat(v_BTKH, N // K, axis=2)],
-                              axis=2)
+        if K == N:
+            # One product for q, k and v ([C, 3 N H], the three kernels side by side) straight into the
+            # attention's [B, T, 3, N, H] layout, and one rotary pass over it whose tables leave v as it
+            # is (cos 1, sin 0: v * 1 + rotate_half(v) * 0 is v exactly): no stacking copy.
+            kernel_C3NH = jnp.concatenate([self.q_proj.kernel[...], self.k_proj.kernel[...],
+                                           self.v_proj.kernel[...]], axis=1)
+            qkv_BT3NH = ops.dense(x_BTC, kernel_C3NH).reshape(B, T, 3, N, H)
+            one, zero = jnp.ones((T, 1, 1, H), cos_TH.dtype), jnp.zeros((T, 1, 1, H), sin_TH.dtype)
+            cos_T31H = jnp.concatenate([cos_TH[:, None, None], cos_TH[:, None, None], one], axis=1)
+            sin_T31H = jnp.concatenate([sin_TH[:, None, None], sin_TH[:, None, None], zero], axis=1)
+            qkv_BT3NH = ops.rotary(qkv_BT3NH, cos_T31H, sin_T31H)
+        else:
+            cos_T1H, sin_T1H = cos_TH[:, None], sin_TH[:, None]
+            q_BTNH = ops.rotary(_apply(self.q_proj, x_BTC).reshape(B, T, N, H), cos_T1H, sin_T1H)
+            k_BTKH = ops.rotary(_apply(self.k_proj, x_BTC).reshape(B, T, K, H), cos_T1H, sin_T1H)
+            v_BTKH = _apply(self.v_proj, x_BTC).reshape(B, T, K, H)
+            # each key/value head serves R = N // K consecutive query heads (HF's repeat_kv)
+            qkv_BT3NH = jnp.stack([q_BTNH, jnp.repeat(k_BTKH, N // K, axis=2), jnp.repeat(v_BTKH, N // K, axis=2)],
+                                  axis=2)
         rate = 0.0 if deterministic or self.implementation is not None else self.dropout
         y_BTNH = ops.causal_attention(qkv_BT3NH, dropout_rate=rate, dropout_key=rngs.dropout() if rate else None,
                                       implementation=self.implementation)
