@@ -20,7 +20,8 @@ def test_the_installed_wheel_runs_a_config_by_name(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = wheels.glob("jaxtrain-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"jaxtrain/configs/tiny.yaml", "jaxtrain/configs/default.yaml", "jaxtrain/cpu/_cpu_kernels.cc"} <= names
+    assert {"jaxtrain/configs/tiny.yaml", "jaxtrain/configs/default.yaml", "jaxtrain/cpu/_cpu_kernels.cc",
+            "jaxtrain/cpu/_onednn_gemm.cc"} <= names
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
