@@ -179,9 +179,10 @@ def test_the_bare_command_trains_the_packaged_default_not_the_dataclass_defaults
     # default.yaml ships inside the package (tests/e2e/test_packaging.py); the dataclass
     # defaults are the base every config builds on (tiny: a byte-level GPT), not the default run.
     bare = run.load_config([])
-    assert (bare.model.arch, bare.data.tokenizer, bare.train.steps) == ("llama", "bpe:4096", 1100)
+    assert (bare.model.arch, bare.data.tokenizer, bare.train.steps) == ("llama", "bpe:4096", 2300)
+    assert (bare.train.matmul_precision, bare.optim.schedule, bare.optim.wsd_decay_fraction) == ("bfloat16", "wsd", 1.0)
     base = config.load(None)
-    assert (base.model.arch, base.data.tokenizer) == ("gpt", "bytes")
+    assert (base.model.arch, base.data.tokenizer, base.train.matmul_precision) == ("gpt", "bytes", "default")
 
 
 def test_an_empty_text_override_is_the_empty_string_and_an_optional_one_is_none():
@@ -220,3 +221,10 @@ def test_a_replaced_key_says_what_to_write_instead():
     assert config.load("tiny", ["backend=xla"]).backend == "xla"
     with pytest.raises(ConfigError, match="backend='gpu': must be one of auto, cpu, xla"):
         config.load("tiny", ["backend=gpu"])
+
+
+def test_matmul_precision_takes_jax_names_and_refuses_others_naming_the_choices():
+    assert config.load(None, ["train.matmul_precision=bfloat16"]).train.matmul_precision == "bfloat16"
+    with pytest.raises(config.ConfigError, match="train.matmul_precision='tf32': must be one of default, float32, "
+                                                 "bfloat16"):
+        config.load(None, ["train.matmul_precision=tf32"])
