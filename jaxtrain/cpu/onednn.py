@@ -2,9 +2,9 @@
 
 XLA:CPU ignores ``jax.default_matmul_precision``: a float32 product always runs
 in float32. On CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and
-Sapphire Rapids and later) oneDNN's bfloat16 matmul runs at about twice the
-float32 rate (283-424 GFLOP/s against MKL's 143-188 on a 2-core Zen 4 for a
-small model's shapes, ``benchmarks/RESULTS.md``). :func:`matmul` rounds both
+Sapphire Rapids and later) oneDNN's bfloat16 matmul runs faster than any
+float32 one: the default model's training step is 1.61x faster on a 2-core Zen 4
+(``benchmarks/bench_bf16.py``, ``benchmarks/RESULTS.md``). :func:`matmul` rounds both
 float32 operands to bfloat16 (round to nearest even, in XLA, where the rounding
 fuses into whatever produced them), multiplies them with float32 accumulation
 and returns float32: one bfloat16 pass, what ``jax.default_matmul_precision
