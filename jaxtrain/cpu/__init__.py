@@ -21,8 +21,6 @@ the plain ops' and optax's to float rounding.
 
 from __future__ import annotations
 
-from typing import Optional
-
 __all__ = ["enable", "disable", "is_enabled", "status", "describe"]
 
 _enabled = False

@@ -40,6 +40,7 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "_thread_pool.h"
 
 namespace ffi = xla::ffi;
 
@@ -70,59 +71,25 @@ enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
 // ---------------------------------------------------------------------------
 // Work sharing on XLA's intra-op thread pool.
 
-// `total` chunks, taken by whichever thread asks next.
-struct Chunks {
-  explicit Chunks(int n) : total(n) {}
-  const int total;
-  std::atomic<int> next{0};
-  int done = 0;  // guarded by mu
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-// Takes chunks until none is left; f is only dereferenced for a chunk taken,
-// which the caller of ParallelFor is still waiting for, so a pool task that
-// starts late never touches the caller's (possibly gone) stack.
 template <typename F>
-void RunChunks(Chunks& c, const F* f) {
-  for (int i; (i = c.next.fetch_add(1)) < c.total;) {
-    (*f)(i);
-    std::lock_guard<std::mutex> lock(c.mu);
-    if (++c.done == c.total) c.cv.notify_all();
-  }
-}
-
-template <typename F>
-void RunChunksWithSequentialBlas(Chunks& c, const F* f) {
+void RunChunksWithSequentialBlas(jaxtrain::Chunks& c, const F* f) {
   const int previous = g_set_threads_local(1);
-  RunChunks(c, f);
+  jaxtrain::RunChunks(c, f);
   g_set_threads_local(previous);
 }
 
 // f(0) ... f(n - 1) on this thread and on up to pool.num_threads() - 1 pool
-// threads, each chunk run with single-threaded BLAS. Only chunks already
-// started elsewhere are waited for, never queued tasks, so a busy pool cannot
-// deadlock it: a late task finds nothing left and returns. Without a way to
-// make the BLAS single-threaded per thread (a library other than MKL), the
-// chunks run here, one after another, with the BLAS's own threads; so does a
-// single chunk.
+// threads, each chunk run with single-threaded BLAS (jaxtrain::ParallelFor).
+// Without a way to make the BLAS single-threaded per thread (a library other
+// than MKL), the chunks run here, one after another, with the BLAS's own
+// threads; so does a single chunk.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int n, const F& f) {
   if (g_set_threads_local == nullptr || n <= 1) {
     for (int i = 0; i < n; ++i) f(i);
     return;
   }
-  const int helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  auto chunks = std::make_shared<Chunks>(n);
-  for (int t = 0; t < helpers; ++t) {
-    pool.Schedule([chunks, fp = &f]() {
-      if (chunks->next.load() >= chunks->total) return;
-      RunChunksWithSequentialBlas(*chunks, fp);
-    });
-  }
-  RunChunksWithSequentialBlas(*chunks, &f);
-  std::unique_lock<std::mutex> lock(chunks->mu);
-  chunks->cv.wait(lock, [&] { return chunks->done == chunks->total; });
+  jaxtrain::ParallelFor(pool, n, f, [](jaxtrain::Chunks& c, const F* fp) { RunChunksWithSequentialBlas(c, fp); });
 }
 
 // A scratch buffer per thread, reused across calls.

@@ -23,6 +23,7 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "_thread_pool.h"
 
 namespace ffi = xla::ffi;
 
@@ -75,41 +76,6 @@ void RunBand(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t as0, in
   stream.wait();
 }
 
-// `total` chunks, taken by whichever thread asks next; the caller waits only for
-// chunks already started, so a late pool task finds nothing left and returns.
-struct Chunks {
-  explicit Chunks(int n) : total(n) {}
-  const int total;
-  std::atomic<int> next{0};
-  int done = 0;  // guarded by mu
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-template <typename F>
-void RunChunks(Chunks& c, const F* f) {
-  for (int i; (i = c.next.fetch_add(1)) < c.total;) {
-    (*f)(i);
-    std::lock_guard<std::mutex> lock(c.mu);
-    if (++c.done == c.total) c.cv.notify_all();
-  }
-}
-
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int n, const F& f) {
-  const int helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  auto chunks = std::make_shared<Chunks>(n);
-  for (int t = 0; t < helpers; ++t) {
-    pool.Schedule([chunks, fp = &f]() {
-      if (chunks->next.load() >= chunks->total) return;
-      RunChunks(*chunks, fp);
-    });
-  }
-  RunChunks(*chunks, &f);
-  std::unique_lock<std::mutex> lock(chunks->mu);
-  chunks->cv.wait(lock, [&] { return chunks->done == chunks->total; });
-}
-
 ffi::Error Bf16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
                         ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
   auto da = a.dimensions(), db = b.dimensions();
@@ -151,7 +117,7 @@ ffi::Error Bf16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buf
   if (bands == 1)
     run(0);
   else
-    ParallelFor(pool, bands, run);
+    jaxtrain::ParallelFor(pool, bands, run, [](jaxtrain::Chunks& c, const decltype(run)* f) { jaxtrain::RunChunks(c, f); });
   if (!error.empty()) return ffi::Error::Internal("jaxtrain bf16 gemm: oneDNN: " + error);
   return ffi::Error::Success();
 }

@@ -88,9 +88,13 @@ def _find_mkl() -> Path:
     raise _Unavailable("the mkl package is installed but has no libmkl_rt.so")
 
 
+def _turned_off() -> bool:
+    return os.environ.get(BLAS_ENV, "").strip().lower() in ("off", "0", "false", "none", "xla")
+
+
 def prebuild() -> None:
     """Start compiling the handler library in the background if it is not built yet (:func:`build.start`)."""
-    if os.environ.get(BLAS_ENV, "").strip().lower() not in ("off", "0", "false", "none", "xla"):
+    if not _turned_off():
         build.start(_SOURCE, "cpu_kernels", what="the BLAS handler")
 
 
@@ -122,7 +126,7 @@ def _load_blas() -> tuple[ctypes.CDLL, str]:
 
 def _setup() -> str:
     """Load the BLAS, build and register the handler; the BLAS path on success, else raise _Unavailable."""
-    if os.environ.get(BLAS_ENV, "").strip().lower() in ("off", "0", "false", "none", "xla"):
+    if _turned_off():
         raise _Unavailable(f"turned off by {BLAS_ENV}")
     blas, blas_path = _load_blas()
     try:

@@ -48,8 +48,10 @@ def _plan(source: Path, name: str, extra_flags: Sequence[str]) -> tuple[Path, li
     """The library's cached path and its compile command (without ``-o``)."""
     include = jax.ffi.include_dir()
     flags = [*CXXFLAGS, f"-I{include}"]
-    # -march=native: the build is for this CPU, so the CPU is part of the key.
-    key = hashlib.sha256(source.read_bytes() + _jaxlib_version.__version__.encode() + include.encode()
+    # -march=native: the build is for this CPU, so the CPU is part of the key; the headers next to the
+    # source (the ones it can include) are part of it too.
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + _jaxlib_version.__version__.encode() + include.encode()
                          + " ".join([*flags, *extra_flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     return build_dir() / f"{name}-{key}.so", [compiler or "", *flags, str(source), *extra_flags]
@@ -90,7 +92,7 @@ def start(source: Path, name: str, *, what: str, extra_flags: Sequence[str] = ()
 
 
 def compile_library(source: Path, name: str, *, what: str, extra_flags: Sequence[str] = ()) -> Path:
-    """``source`` compiled against jaxlib's FFI headers into ``name-<key>.so``; the cached file if it exists.
+    """``source`` (which may include the ``.h`` files next to it) compiled against jaxlib's FFI headers into ``name-<key>.so``; the cached file if it exists.
 
     ``extra_flags`` (include and library paths, libraries) come after the source
     on the command line and are part of the key; ``what`` names the library in

@@ -21,7 +21,7 @@ def test_the_installed_wheel_runs_a_config_by_name(tmp_path):
     (wheel,) = wheels.glob("jaxtrain-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"jaxtrain/configs/tiny.yaml", "jaxtrain/configs/default.yaml", "jaxtrain/cpu/_cpu_kernels.cc",
-            "jaxtrain/cpu/_onednn_gemm.cc"} <= names
+            "jaxtrain/cpu/_onednn_gemm.cc", "jaxtrain/cpu/_thread_pool.h"} <= names
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
